@@ -1,0 +1,45 @@
+"""sae-monitor: safety monitoring for language models with sparse autoencoders.
+
+Data flows one way: model hook (:mod:`monitor.capture`) -> SAE encode (:mod:`monitor.sae`)
+-> policy engine (:mod:`monitor.policy`) -> actions (metrics, logs, audit, block, steer).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from monitor.capture import HookPoint, capture, find_blocks, residual_hook
+from monitor.errors import (
+    CatalogError,
+    DataError,
+    ModelLoadError,
+    MonitorError,
+    PolicyError,
+    SAEFormatError,
+    SAEMismatchError,
+    UnsupportedModelError,
+)
+from monitor.models import load_default_model, load_model
+from monitor.sae import SAE, SAEConfig, check_fit, load_sae
+
+__all__ = [
+    "__version__",
+    "HookPoint",
+    "capture",
+    "find_blocks",
+    "residual_hook",
+    "MonitorError",
+    "CatalogError",
+    "DataError",
+    "ModelLoadError",
+    "PolicyError",
+    "SAEFormatError",
+    "SAEMismatchError",
+    "UnsupportedModelError",
+    "load_default_model",
+    "load_model",
+    "SAE",
+    "SAEConfig",
+    "check_fit",
+    "load_sae",
+]

@@ -1,0 +1,324 @@
+"""YAML parsing that remembers where every value came from, and pydantic errors mapped back to it.
+
+Catalogs and policies are written by people, so an error must point at the offending line:
+``policies/pii.yaml:14:9: rules[2] (id: pii.email).when.above: Input should be a valid number``.
+PyYAML's plain ``safe_load`` forgets positions, so :func:`parse_yaml` composes the node graph
+(``yaml.compose`` keeps ``start_mark`` on every node), builds the plain Python data from it and
+an index from data paths (``("rules", 2, "when", "above")``) to line/column.
+:func:`validation_messages` turns a pydantic ``ValidationError`` raised on that data into one
+message per problem, each prefixed with ``file:line:column``, with did-you-mean suggestions for
+unknown keys and enum values.
+
+Duplicate mapping keys, which YAML silently resolves to the last one, are reported as errors:
+a policy whose ``above:`` appears twice must not lose one of them quietly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Position:
+    """A 1-based line and column in a source file."""
+
+    line: int
+    column: int
+
+
+class YamlSyntaxError(Exception):
+    """The text is not valid YAML; ``message`` already names ``file:line:column``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass
+class YamlSource:
+    """Parsed YAML data plus the position of every value and mapping key in it.
+
+    ``values[path]`` is where the value at ``path`` starts; ``keys[path]`` is where the key that
+    introduces ``path`` is written (only for paths whose last element is a mapping key).
+    ``duplicate_keys`` lists ``(path, position)`` of keys repeated within one mapping.
+    """
+
+    path: str
+    data: Any
+    values: dict[Loc, Position] = field(default_factory=dict)
+    keys: dict[Loc, Position] = field(default_factory=dict)
+    duplicate_keys: list[tuple[Loc, Position]] = field(default_factory=list)
+
+    def position(self, loc: Loc) -> Position:
+        """Position of the deepest existing node along ``loc`` (the file start if none)."""
+        for n in range(len(loc), -1, -1):
+            pos = self.values.get(tuple(loc[:n]))
+            if pos is not None:
+                return pos
+        return Position(1, 1)
+
+    def where(self, loc: Loc, *, key: bool = False) -> str:
+        """``file:line:column`` of ``loc``; with ``key=True`` the position of its key if known."""
+        pos = self.keys.get(loc) if key else None
+        pos = pos or self.position(loc)
+        return f"{self.path}:{pos.line}:{pos.column}"
+
+
+def _pos(node: yaml.Node) -> Position:
+    return Position(node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _index(node: yaml.Node, path: Loc, src: YamlSource) -> None:
+    src.values[path] = _pos(node)
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
+            child = (*path, key)
+            if key in seen:  # YAML keeps the last value; index that one and report the repeat
+                src.duplicate_keys.append((child, _pos(key_node)))
+            seen.add(key)
+            src.keys[child] = _pos(key_node)
+            _index(value_node, child, src)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index(item, (*path, i), src)
+
+
+def parse_yaml(text: str, path: str | Path) -> YamlSource:
+    """Parse one YAML document, keeping positions. Raises :class:`YamlSyntaxError`.
+
+    An empty document yields ``data=None``; the caller decides whether that is an error.
+    """
+    name = str(path)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is None:
+            return YamlSource(name, None)
+        # Construction flattens merge keys (<<) in place, so index the node afterwards.
+        data = yaml.constructor.SafeConstructor().construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise YamlSyntaxError(f"{where}: YAML syntax error: {problem}") from None
+    except yaml.YAMLError as exc:  # pragma: no cover - non-marked errors are rare
+        raise YamlSyntaxError(f"{name}: YAML error: {exc}") from None
+    src = YamlSource(name, data)
+    _index(node, (), src)
+    return src
+
+
+# --------------------------------------------------------------------------------------------
+# pydantic errors -> located messages
+
+
+def suggest(word: str, choices: Sequence[str], n: int = 1) -> list[str]:
+    """Close matches of ``word`` among ``choices`` (difflib, cutoff 0.6)."""
+    return difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """``"; did you mean 'x'?"`` or the empty string."""
+    close = suggest(word, choices)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _unwrap(tp: Any) -> Any:
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _tags(tp: Any) -> dict[str, Any]:
+    """For a tagged union member list, ``{tag: member}``."""
+    out: dict[str, Any] = {}
+    for member in typing.get_args(tp):
+        if typing.get_origin(member) is typing.Annotated:
+            for meta in typing.get_args(member)[1:]:
+                tag = getattr(meta, "tag", None)
+                if isinstance(tag, str):
+                    out[tag] = typing.get_args(member)[0]
+    return out
+
+
+def _field_by_key(model: type[BaseModel], key: str) -> Any:
+    for name, info in model.model_fields.items():
+        if key in (name, info.alias):
+            return info.annotation
+    return None
+
+
+def _step(tp: Any, part: str | int) -> Any:
+    """The type found at ``part`` inside a value of type ``tp`` (None if unknown)."""
+    tp = _unwrap(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        tags = _tags(tp)
+        if isinstance(part, str) and part in tags:
+            return tags[part]  # a discriminator tag: the loc names the union member
+        members = [m for m in typing.get_args(tp) if m is not type(None)]
+        for m in members:
+            found = _step(m, part)
+            if found is not None:
+                return found
+        return None
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return _field_by_key(tp, part) if isinstance(part, str) else None
+    if origin in (list, tuple, Sequence) and isinstance(part, int):
+        return typing.get_args(tp)[0]
+    if origin is dict:
+        return typing.get_args(tp)[1]
+    return None
+
+
+def _model_at(root: type[BaseModel], loc: Loc) -> type[BaseModel] | None:
+    tp: Any = root
+    for part in loc:
+        tp = _step(tp, part)
+        if tp is None:
+            return None
+    tp = _unwrap(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        models = [m for m in typing.get_args(tp) if isinstance(_unwrap(m), type)
+                  and issubclass(_unwrap(m), BaseModel)]
+        tp = _unwrap(models[0]) if len(models) == 1 else None
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def valid_keys(model: type[BaseModel]) -> list[str]:
+    """The keys a YAML mapping for ``model`` may use (aliases where set)."""
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def data_path(data: Any, loc: Loc, *, missing: bool = False) -> Loc:
+    """The part of a pydantic ``loc`` that exists in ``data``; union tags are dropped.
+
+    Pydantic inserts the tag of a discriminated-union member into ``loc``
+    (``("rules", 0, "when", "leaf", "above")``); this keeps only the steps that walk the data,
+    plus (with ``missing=True``) a final missing key, so it can be looked up in a
+    :class:`YamlSource`.
+    """
+    out: list[str | int] = []
+    cur = data
+    for i, part in enumerate(loc):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+            out.append(part)
+        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+            cur = cur[part]
+            out.append(part)
+        elif missing and i == len(loc) - 1 and isinstance(cur, dict):
+            out.append(part)  # a missing key: report at its parent mapping
+    return tuple(out)
+
+
+def render_path(data: Any, path: Loc) -> str:
+    """``rules[2] (id: pii.email).when.any[0].feature``: the path as a reader would write it."""
+    text = ""
+    cur = data
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+        cur = cur[part] if isinstance(cur, (dict, list)) and _has(cur, part) else None
+        if isinstance(part, int) and isinstance(cur, dict):
+            ident = cur.get("id", cur.get("name"))
+            if isinstance(ident, str):
+                text += f" (id: {ident})" if "id" in cur else f" (name: {ident})"
+    return text or "<top level>"
+
+
+def _has(cur: dict | list, part: str | int) -> bool:
+    if isinstance(cur, dict):
+        return part in cur
+    return isinstance(part, int) and 0 <= part < len(cur)
+
+
+_QUOTED = re.compile(r"'([^']*)'")
+
+
+def _message(err: Any, root: type[BaseModel], src: YamlSource) -> tuple[Loc, str, bool]:
+    """(data path, text, point-at-key) for one pydantic error dict."""
+    loc: Loc = tuple(err["loc"])
+    kind = err["type"]
+    path = data_path(src.data, loc, missing=kind == "missing")
+    inp = err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        model = _model_at(root, loc[:-1])
+        keys = valid_keys(model) if model else []
+        hint = did_you_mean(key, keys)
+        allowed = f" (valid keys: {', '.join(keys)})" if keys else ""
+        return path, f"unknown key '{key}'{hint}{allowed}", True
+    if kind == "missing":
+        return path, f"missing required key '{loc[-1]}'", False
+    if kind == "too_short" and isinstance(inp, (list, tuple)):
+        return path, (f"needs at least {ctx.get('min_length', 1)} item(s), got "
+                      f"{ctx.get('actual_length', len(inp))}"), False
+    if kind == "literal_error" and isinstance(inp, str):
+        choices = _QUOTED.findall(str(ctx.get("expected", "")))
+        hint = did_you_mean(inp, choices)
+        return path, f"'{inp}' is not one of {', '.join(choices)}{hint}", False
+    text = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    if kind not in ("value_error", "assertion_error") and kind != "union_tag_not_found" \
+            and not isinstance(inp, (dict, list)) and "input" in err:
+        text += f" (got {inp!r})"
+    if kind == "string_type" and isinstance(inp, bool):
+        text += "; YAML reads yes/no/on/off/true/false as booleans, put the text in quotes"
+    return path, text, False
+
+
+def validation_messages(exc: ValidationError, root: type[BaseModel], src: YamlSource) -> list[str]:
+    """One ``file:line:column: path: problem`` message per error in ``exc``, in file order."""
+    rows: list[tuple[Position, str]] = []
+    seen: set[str] = set()
+    for err in exc.errors(include_url=False):
+        path, text, at_key = _message(err, root, src)
+        pos = (src.keys.get(path) if at_key else None) or src.position(path)
+        msg = f"{src.path}:{pos.line}:{pos.column}: {render_path(src.data, path)}: {text}"
+        if msg not in seen:
+            seen.add(msg)
+            rows.append((pos, msg))
+    rows.sort(key=lambda r: (r[0].line, r[0].column))
+    return [m for _, m in rows]
+
+
+def duplicate_key_messages(src: YamlSource) -> list[str]:
+    """Errors for keys written twice in one mapping (YAML would keep only the last)."""
+    return [f"{src.path}:{pos.line}:{pos.column}: {render_path(src.data, path[:-1])}: "
+            f"key '{path[-1]}' appears more than once in this mapping; keep only one"
+            for path, pos in src.duplicate_keys]
+
+
+_WHERE = re.compile(r":(\d+):(\d+): ")
+
+
+def sort_messages(messages: Sequence[str]) -> list[str]:
+    """Located messages ordered by line and column (stable for ties and unlocated ones)."""
+    def key(msg: str) -> tuple[int, int]:
+        m = _WHERE.search(msg)
+        return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    return sorted(messages, key=key)
+
+
+def located(src: YamlSource, loc: Loc, text: str, *, key: bool = False) -> str:
+    """``file:line:column: path: text`` for a problem found after validation."""
+    return f"{src.where(loc, key=key)}: {render_path(src.data, loc)}: {text}"
