@@ -290,7 +290,12 @@ def validation_messages(exc: ValidationError, root: type[BaseModel], src: YamlSo
     """One ``file:line:column: path: problem`` message per error in ``exc``, in file order."""
     rows: list[tuple[Position, str]] = []
     seen: set[str] = set()
-    for err in exc.errors(include_url=False):
+    errs = exc.errors(include_url=False)
+    # A list whose items failed is also reported "too short after validation": noise.
+    errs = [e for e in errs if e["type"] != "too_short" or not any(
+        len(o["loc"]) > len(e["loc"]) and tuple(o["loc"][:len(e["loc"])]) == tuple(e["loc"])
+        for o in errs)]
+    for err in errs:
         path, text, at_key = _message(err, root, src)
         pos = (src.keys.get(path) if at_key else None) or src.position(path)
         msg = f"{src.path}:{pos.line}:{pos.column}: {render_path(src.data, path)}: {text}"

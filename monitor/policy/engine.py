@@ -472,7 +472,8 @@ def _windows(prog: _Program, st: _ScopeState, x: torch.Tensor,
         last = counts[:, -1:]  # [B, 1]
         want = last - hist_len + 1 + torch.arange(hist_len, device=x.device)  # [B, W]
         keep = want >= 1
-        where = (torch.searchsorted(counts, want.clamp(min=1), right=False) - 1).clamp(min=0)
+        where = torch.searchsorted(counts, want.clamp(min=1), right=False) - 1
+        where = where.clamp(0, xs.shape[1] - 1)  # empty slots read anything, then zeroed
         kept = xs.gather(1, where.unsqueeze(-1).expand(batch, hist_len, n))
         st.history = torch.where(keep.unsqueeze(-1), kept, torch.zeros((), device=x.device))
         st.history_valid = keep

@@ -483,6 +483,12 @@ def policy_json_schema() -> dict[str, Any]:
 
 
 def write_json_schema(path: str | Path) -> None:
-    """Write :func:`policy_json_schema` to ``path`` (2-space indent, trailing newline)."""
+    """Write :func:`policy_json_schema` to ``path`` (2-space indent, trailing newline).
+
+    Regenerate the committed copy after changing the models::
+
+        python -c "from monitor.policy import write_json_schema as w; w('policies/schema.json')"
+    """
     text = json.dumps(policy_json_schema(), indent=2, ensure_ascii=False) + "\n"
     Path(path).write_text(text, encoding="utf-8")
+

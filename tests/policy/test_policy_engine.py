@@ -1,0 +1,241 @@
+"""Table tests for the engine's decisions: hits, block, steer, scopes, columns, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from monitor.errors import EngineError, PolicyError
+from monitor.policy import FeatureRef, PolicySet, compile_policies
+from tests.policy.helpers import columns, compiled, make_catalog, rules_from_yaml
+
+ONE_RULE = """
+- id: shell
+  description: block shell injection
+  severity: high
+  scope: response
+  when: {latent: 7, above: 2.0}
+  actions: [log, {block: {message: "refused"}}]
+"""
+
+
+def acts(batch: int, tokens: int, **values: dict[int, float]) -> torch.Tensor:
+    """Zero activations [B, T, 64]; values like l7={(0, 2): 3.0} set latent 7 at row 0 token 2."""
+    out = torch.zeros(batch, tokens, 64)
+    for name, cells in values.items():
+        for (b, t), v in cells.items():
+            out[b, t, int(name[1:])] = v
+    return out
+
+
+def ones(batch: int, tokens: int) -> torch.Tensor:
+    return torch.ones(batch, tokens, dtype=torch.bool)
+
+
+def test_hit_fields_and_block():
+    policy = compiled(ONE_RULE)
+    state = policy.new_state(2)
+    r = policy.step(state, columns(policy, acts(2, 3, l7={(1, 2): 5.0})), ones(2, 3), "response")
+    assert [(h.rule_id, h.row, h.token_index, h.feature, h.activation) for h in r.hits] == [
+        ("shell", 1, 2, "latent:7", 5.0)]
+    assert r.hits[0].actions == ("log", "block") and r.hits[0].severity == "high"
+    assert r.block.tolist() == [False, True]
+    assert r.block_messages == {1: ("shell", "refused")}
+    assert r.fired.shape == (2, 3, 1)
+
+
+def test_token_index_counts_masked_tokens_and_masked_never_fire():
+    policy = compiled(ONE_RULE)
+    state = policy.new_state(1)
+    mask = torch.tensor([[False, True, False]])
+    a = acts(1, 3, l7={(0, 0): 9.0, (0, 1): 9.0, (0, 2): 9.0})
+    r1 = policy.step(state, columns(policy, a), mask, "response")
+    r2 = policy.step(state, columns(policy, a), mask, "response")
+    assert [h.token_index for h in r1.hits + r2.hits] == [1, 4]
+    assert state.tokens_seen("response") == 6
+
+
+def test_scope_filters_rules():
+    policy = compiled(ONE_RULE)
+    state = policy.new_state(1)
+    r = policy.step(state, columns(policy, acts(1, 1, l7={(0, 0): 9.0})), ones(1, 1), "prompt")
+    assert r.hits == [] and not r.fired.any()
+    assert state.tokens_seen("prompt") == 1 and state.tokens_seen("response") == 0
+
+
+def test_shadow_rules_report_but_never_act():
+    policy = compiled("""
+    - id: quiet
+      description: shadow trial
+      severity: medium
+      mode: shadow
+      when: {latent: 7, above: 1.0}
+      actions: [log, {block: {message: "no"}}, {steer: {latent: 7, clamp: 0}}]
+    """)
+    state = policy.new_state(1)
+    r = policy.step(state, columns(policy, acts(1, 1, l7={(0, 0): 3.0})), ones(1, 1), "response")
+    assert [h.mode for h in r.hits] == ["shadow"]
+    assert not r.block.any() and r.block_messages == {} and r.steer == []
+    assert state.active_steers(0) == ()
+
+
+STEER = """
+- id: calm
+  description: steer while active
+  severity: low
+  when: {latent: 7, above: 1.0}
+  actions: [{steer: {latent: 7, scale: 0.5}}]
+- id: lock
+  description: steer for the rest of the response
+  severity: high
+  when: {latent: 12, above: 1.0}
+  actions: [{steer: {latent: 12, clamp: -1.5, duration: rest_of_response}}]
+"""
+
+
+def test_while_active_steer_is_in_force_only_after_firing_tokens():
+    policy = compiled(STEER)
+    state = policy.new_state(1)
+    step = lambda v: policy.step(state, columns(policy, acts(1, 1, l7={(0, 0): v})),  # noqa: E731
+                                 ones(1, 1), "response")
+    assert step(3.0).steer[0].op == "scale" and step(3.0).steer[0].value == 0.5
+    assert step(0.0).steer == []
+    d = step(3.0).steer
+    assert [(x.latent, x.duration, x.token_index) for x in d] == [(7, "while_active", 3)]
+
+
+def test_rest_of_response_steer_persists():
+    policy = compiled(STEER)
+    state = policy.new_state(2)
+    r = policy.step(state, columns(policy, acts(2, 3, l12={(1, 1): 2.0})), ones(2, 3), "prompt")
+    assert [(d.row, d.rule_id, d.value, d.token_index, d.scope) for d in r.steer] == [
+        (1, "lock", -1.5, 1, "prompt")]
+    for _ in range(3):  # nothing fires any more, the directive stays in force
+        r = policy.step(state, columns(policy, acts(2, 1)), ones(2, 1), "response")
+        assert [d.rule_id for d in r.steer] == ["lock"] and r.hits == []
+    assert state.active_steers(1)[0].latent == 12 and state.active_steers(0) == ()
+    # Firing again does not duplicate the persisted directive.
+    r = policy.step(state, columns(policy, acts(2, 1, l12={(1, 0): 2.0})), ones(2, 1), "response")
+    assert len(state.active_steers(1)) == 1 and state.active_steers(1)[0].token_index == 1
+
+
+def test_catalog_names_relative_values_and_probe_columns(tmp_path):
+    catalog = make_catalog(tmp_path)
+    policy = compiled("""
+    - id: combo
+      description: names, relative thresholds, probes
+      severity: critical
+      when:
+        any:
+          - {feature: unsafe_code.shell_injection, above_relative: 0.5}   # > 5.0
+          - {latent: 7, above: 100}
+          - {feature: sycophancy.probe, above: 1.0}
+          - {latent: 3, above: 0.0}
+      actions:
+        - steer: {feature: deception.lying, clamp_relative: 0.25, duration: rest_of_response}
+        - steer: {feature: sycophancy.probe, clamp: 0, along_direction: true}
+    """, catalog)
+    assert policy.features == (
+        FeatureRef("latent", 3, None), FeatureRef("latent", 7, "unsafe_code.shell_injection"),
+        FeatureRef("latent", 12, "deception.lying"), FeatureRef("probe", None, "sycophancy.probe"))
+    assert policy.latent_indices.tolist() == [3, 7, 12]
+    state = policy.new_state(1)
+    feats = torch.tensor([[[0.0, 6.0, 0.0, 0.0], [0.0, 4.0, 0.0, 0.0], [1.0, 6.0, 0.0, 3.0]]])
+    r = policy.step(state, feats, ones(1, 3), "response")
+    assert [h.token_index for h in r.hits] == [0, 2]
+    # token 2: latent 3 is 1.0 over a threshold of 0 (huge relative margin) -> it drives.
+    assert [(h.feature, h.activation) for h in r.hits] == [
+        ("unsafe_code.shell_injection", 6.0), ("latent:3", 1.0)]
+    by_rule = {(d.latent, d.probe): d for d in r.steer}
+    assert by_rule[(12, None)].value == pytest.approx(1.0)  # 0.25 * max_activation 4.0
+    assert by_rule[(None, "sycophancy.probe")].op == "clamp"
+
+
+def test_duplicate_columns_and_leaves_are_shared():
+    policy = compiled("""
+    - {id: a, description: x, severity: low, when: {latent: 5, above: 1}, actions: [log]}
+    - {id: b, description: x, severity: low, when: {any: [{latent: 5, above: 1}]},
+       actions: [log]}
+    """)
+    assert policy.features == (FeatureRef("latent", 5, None),)
+    r = policy.step(policy.new_state(1), torch.full((1, 2, 1), 2.0), ones(1, 2), "response")
+    assert r.fired.all()
+
+
+def test_quiet_step_syncs_with_the_host_once():
+    window = rules_from_yaml("""
+    - id: w
+      description: window
+      severity: low
+      when: {all: [{latent: 3, above: 1, aggregate: {window_mean: {tokens: 4}}},
+                   {not: {latent: 9, below: 0, aggregate: {consecutive: {tokens: 2}}}}]}
+      actions: [log]
+    """)
+    rules = rules_from_yaml(STEER) + rules_from_yaml(ONE_RULE) + window
+    policy = compile_policies(PolicySet.from_rules(rules), None, d_sae=64)
+    state = policy.new_state(4)
+    policy.step(state, columns(policy, acts(4, 5)), ones(4, 5), "response")  # warm caches
+
+    class Syncs(TorchFunctionMode):
+        names = {"__bool__", "item", "tolist", "cpu", "nonzero", "numpy", "__int__", "__float__"}
+
+        def __init__(self):
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in self.names:
+                self.seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Syncs() as syncs:
+        r = policy.step(state, columns(policy, acts(4, 1)), ones(4, 1), "response")
+    assert r.hits == [] and syncs.seen == ["__bool__"]
+
+
+def test_step_rejects_wrong_inputs():
+    policy = compiled(ONE_RULE)
+    other = compiled(ONE_RULE)
+    state = policy.new_state(1)
+    good = torch.zeros(1, 2, 1)
+    with pytest.raises(EngineError, match="different CompiledPolicy"):
+        other.step(state, good, ones(1, 2), "response")
+    with pytest.raises(EngineError, match=r"shape \[batch, tokens, 1\]"):
+        policy.step(state, torch.zeros(1, 2, 3), ones(1, 2), "response")
+    with pytest.raises(EngineError, match="mask must be a bool"):
+        policy.step(state, good, torch.ones(1, 2), "response")
+    with pytest.raises(EngineError, match="batch size 1"):
+        policy.step(state, torch.zeros(2, 2, 1), ones(2, 2), "response")
+    with pytest.raises(EngineError, match="scope"):
+        policy.step(state, good, ones(1, 2), "both")  # type: ignore[arg-type]
+
+
+def test_compile_errors_name_rule_and_source(tmp_path):
+    catalog = make_catalog(tmp_path)
+    rules = rules_from_yaml("""
+    - {id: far, description: x, severity: low, when: {latent: 64, above: 1}, actions: [log]}
+    - {id: typo, description: x, severity: low, when: {feature: deception.lyng, above: 1},
+       actions: [log]}
+    - {id: probe, description: x, severity: low, when: {latent: 1, above: 1},
+       actions: [{steer: {feature: sycophancy.probe, clamp: 0}}]}
+    - {id: rel, description: x, severity: low, when: {feature: toxicity.insult, above_relative: 0.5},
+       actions: [log]}
+    """)
+    with pytest.raises(PolicyError) as err:
+        compile_policies(PolicySet.from_rules(rules), catalog, d_sae=64)
+    text = "\n".join(err.value.errors)
+    assert "rule 'far': when.latent: latent 64 is out of range" in text
+    assert "did you mean 'deception.lying'?" in text
+    assert "along_direction: true" in text
+    assert "has no max_activation" in text
+    assert len(err.value.errors) == 4
+    with pytest.raises(PolicyError, match="no catalog"):
+        compile_policies(PolicySet.from_rules(rules[1:2]), None, d_sae=64)
+
+
+def test_no_rules_for_scope_and_empty_policy():
+    policy = compile_policies(PolicySet.from_rules([]), None, d_sae=8)
+    r = policy.step(policy.new_state(2), torch.zeros(2, 3, 0), ones(2, 3), "prompt")
+    assert r.fired.shape == (2, 3, 0) and r.hits == [] and not r.block.any()

@@ -1,0 +1,265 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from monitor.capture import HookPoint, capture
+from monitor.policy import compile_policies, load_policies
+from monitor.sae import SAE, SAEConfig
+from monitor.wrapper import Blocked, Monitor, MonitorUnavailable
+from tests.builders import tiny_model
+
+LAYER = 2
+GEN = dict(max_new_tokens=8, do_sample=False)
+
+
+def make_sae() -> SAE:
+    g = torch.Generator().manual_seed(1)
+    sae = SAE(SAEConfig(architecture="relu", d_in=64, d_sae=16, hook_name=HookPoint(LAYER).name))
+    with torch.no_grad():
+        w = torch.randn(64, 16, generator=g)
+        sae.W_enc.copy_(w / w.norm(dim=0))
+        sae.W_dec.copy_((w / w.norm(dim=0)).T)
+    return sae
+
+
+def policy(tmp_path, yaml_text: str, d_sae: int = 16):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml_text)
+    return compile_policies(load_policies(path), None, d_sae=d_sae)
+
+
+def rule(rule_id="r", latent=0, above=1e9, scope="response", actions="[log, {block: {message: BLOCKED}}]", mode="enforce"):
+    return (f"version: '1'\nrules:\n  - id: {rule_id}\n    description: test\n    severity: high\n    mode: {mode}\n"
+            f"    scope: {scope}\n    when: {{latent: {latent}, above: {above}}}\n    actions: {actions}\n")
+
+
+@pytest.fixture
+def setup(tiny_tokenizer):
+    model = tiny_model("llama")
+    prompt = torch.tensor([[5, 17, 42, 99, 7, 13]])
+    with torch.no_grad():
+        plain = model.generate(prompt, pad_token_id=tiny_tokenizer.pad_token_id, **GEN)
+    return model, tiny_tokenizer, prompt, plain
+
+
+def latent_trace(model, sae, sequence, latent=0):
+    resid = capture(model, sequence, HookPoint(LAYER))
+    return sae.encode(resid)[0, :, latent]
+
+
+def threshold_firing_at(trace, prompt_len, index):
+    """A threshold that the response's token ``index`` exceeds and no earlier token does."""
+    response = trace[prompt_len:]
+    earlier = response[:index].max() if index else torch.tensor(-1.0)
+    value = response[index]
+    assert value > earlier, "pick another index for this seed"
+    return float((earlier + value) / 2)
+
+
+def pick_index(trace, prompt_len):
+    response = trace[prompt_len:]
+    for i in range(1, len(response) - 1):
+        if response[i] > response[:i].max() and response[i] > 0:
+            return i
+    pytest.skip("no strictly new maximum in this trace")
+
+
+def test_quiet_policy_is_identical_to_unmonitored(setup, tmp_path):
+    model, tok, prompt, plain = setup
+    mon = Monitor(model, tok, sae=make_sae(), policies=policy(tmp_path, rule()), self_test=False)
+    out = mon.generate(prompt, pad_token_id=tok.pad_token_id, **GEN)
+    assert isinstance(out, torch.Tensor) and torch.equal(out, plain)
+    report = mon.last_report
+    assert report.outcome == "allowed" and not report.hits
+    assert report.tokens_monitored["response"] == plain.shape[1] - prompt.shape[1]
+    assert report.tokens_monitored["prompt"] == prompt.shape[1] - 1  # first position excluded
+    dict_out = mon.generate(prompt, pad_token_id=tok.pad_token_id, return_dict_in_generate=True, **GEN)
+    assert torch.equal(dict_out.sequences, plain)
+    mon.close()
+
+
+def test_block_cuts_before_the_token_that_fired(setup, tmp_path):
+    model, tok, prompt, plain = setup
+    sae = make_sae()
+    trace = latent_trace(model, sae, plain)
+    index = pick_index(trace, prompt.shape[1])
+    thr = threshold_firing_at(trace, prompt.shape[1], index)
+    mon = Monitor(model, tok, sae=sae, policies=policy(tmp_path, rule(above=thr)), self_test=False)
+    out = mon.generate(prompt, pad_token_id=tok.pad_token_id, **GEN)
+    report = mon.last_report
+    assert report.outcome == "blocked" and report.blocks[0].token_index == index
+    message = tok("BLOCKED", add_special_tokens=False)["input_ids"]
+    expected = plain[0, :prompt.shape[1] + index].tolist() + message
+    assert out[0].tolist()[:len(expected)] == expected
+    with pytest.raises(Blocked) as err:
+        mon.block_behavior = "raise"
+        mon.generate(prompt, pad_token_id=tok.pad_token_id, **GEN)
+    assert err.value.report.blocks[0].rule_id == "r"
+    mon.close()
+
+
+def test_shadow_rule_reports_but_never_blocks(setup, tmp_path):
+    model, tok, prompt, plain = setup
+    mon = Monitor(model, tok, sae=make_sae(), policies=policy(tmp_path, rule(above=-1.0, mode="shadow")), self_test=False)
+    out = mon.generate(prompt, pad_token_id=tok.pad_token_id, **GEN)
+    assert torch.equal(out, plain)
+    assert mon.last_report.hits and mon.last_report.outcome == "allowed"
+    mon.close()
+
+
+def test_prompt_block_skips_generation(setup, tmp_path):
+    model, tok, prompt, plain = setup
+    mon = Monitor(model, tok, sae=make_sae(), policies=policy(tmp_path, rule(above=-1.0, scope="prompt")), self_test=False)
+    out = mon.generate(prompt, pad_token_id=tok.pad_token_id, **GEN)
+    message = tok("BLOCKED", add_special_tokens=False)["input_ids"]
+    assert out[0, prompt.shape[1]:prompt.shape[1] + len(message)].tolist() == message
+    assert mon.last_report.blocks[0].scope == "prompt"
+    mon.close()
+
+
+def test_batch_only_offending_row_stops(setup, tmp_path):
+    model, tok, prompt, _ = setup
+    sae = make_sae()
+    other = torch.tensor([[0, 0, 3, 8, 21, 60]])  # left padded
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    batch = torch.cat([prompt, other])
+    kwargs = dict(attention_mask=mask, pad_token_id=tok.pad_token_id, **GEN)
+    with torch.no_grad():
+        plain = model.generate(batch, **kwargs)
+    resid = capture(model, plain, HookPoint(LAYER), attention_mask=torch.cat([mask, torch.ones(2, plain.shape[1] - 6, dtype=torch.long)], 1))
+    acts = sae.encode(resid)[..., 0]
+    # pick a threshold only row 0 exceeds in its response
+    r0, r1 = acts[0, 6:], acts[1, 6:]
+    if not r0.max() > r1.max():
+        pytest.skip("row 0 does not dominate for this seed")
+    thr = float((r0.max() + r1.max()) / 2)
+    mon = Monitor(model, tok, sae=sae, policies=policy(tmp_path, rule(above=thr)), self_test=False)
+    out = mon.generate(batch, **kwargs)
+    assert list(mon.last_report.blocks) == [0]
+    assert out[1, :plain.shape[1]].tolist() == plain[1].tolist()
+    mon.close()
+
+
+def steer_rule(trigger_above: float):
+    return rule(above=trigger_above, actions="[{steer: {latent: 0, clamp: 25.0, duration: rest_of_response}}]")
+
+
+def test_steering_changes_output_and_matches_with_and_without_cache(setup, tmp_path):
+    model, tok, prompt, plain = setup
+    mon = Monitor(model, tok, sae=make_sae(), policies=policy(tmp_path, steer_rule(-1.0)), self_test=False)
+    cached = mon.generate(prompt, pad_token_id=tok.pad_token_id, use_cache=True, **GEN)
+    uncached = mon.generate(prompt, pad_token_id=tok.pad_token_id, use_cache=False, **GEN)
+    assert mon.last_report.outcome == "steered"
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, plain)
+    mon.close()
+
+
+def test_stream_never_yields_blocked_token(setup, tmp_path):
+    model, tok, prompt, plain = setup
+    sae = make_sae()
+    trace = latent_trace(model, sae, plain)
+    index = pick_index(trace, prompt.shape[1])
+    thr = threshold_firing_at(trace, prompt.shape[1], index)
+    mon = Monitor(model, tok, sae=sae, policies=policy(tmp_path, rule(above=thr)), self_test=False)
+    chunks = list(mon.stream(prompt, **GEN))
+    text = "".join(chunks)
+    allowed = tok.decode(plain[0, prompt.shape[1]:prompt.shape[1] + index], skip_special_tokens=True)
+    # an unfinished multi-byte character before the block is held back, never shown half
+    assert text == allowed.rstrip("\ufffd") + "BLOCKED"
+    # quiet policy: the stream is the whole response
+    quiet = Monitor(model, tok, sae=sae, policies=policy(tmp_path, rule()), self_test=False)
+    mon.close()
+    assert "".join(quiet.stream(prompt, **GEN)) == tok.decode(plain[0, prompt.shape[1]:], skip_special_tokens=True)
+    quiet.close()
+
+
+def test_threads_get_their_own_reports(setup, tmp_path):
+    model, tok, prompt, plain = setup
+    sae = make_sae()
+    trace = latent_trace(model, sae, plain)
+    index = pick_index(trace, prompt.shape[1])
+    thr = threshold_firing_at(trace, prompt.shape[1], index)
+    mon = Monitor(model, tok, sae=sae, policies=policy(tmp_path, rule(above=thr)), self_test=False)
+    benign = torch.tensor([[1, 2, 3]])
+    results = {}
+
+    def worker(name, ids):
+        for _ in range(3):
+            mon.generate(ids, pad_token_id=tok.pad_token_id, **GEN)
+            results.setdefault(name, []).append(mon.last_report)
+
+    threads = [threading.Thread(target=worker, args=("a", prompt)), threading.Thread(target=worker, args=("b", benign))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.outcome == "blocked" and r.blocks[0].token_index == index for r in results["a"])
+    with torch.no_grad():
+        benign_plain = model.generate(benign, pad_token_id=tok.pad_token_id, **GEN)
+    benign_blocked = latent_trace(model, sae, benign_plain)[3:].max() > thr
+    assert all((r.outcome == "blocked") == bool(benign_blocked) for r in results["b"])
+    mon.close()
+
+
+class Exploding(SAE):
+    def subset_encoder(self, latents):
+        def boom(x):
+            raise RuntimeError("SAE exploded")
+        return boom
+
+
+class NaNSAE(SAE):
+    def subset_encoder(self, latents):
+        return lambda x: torch.full(x.shape[:-1] + (len(latents),), float("nan"))
+
+
+@pytest.mark.parametrize("broken", [Exploding, NaNSAE])
+def test_on_error_open_and_closed(setup, tmp_path, broken):
+    model, tok, prompt, plain = setup
+    sae = broken(make_sae().cfg)
+    sae.load_state_dict(make_sae().state_dict())
+    pol = policy(tmp_path, rule())
+    opened = Monitor(model, tok, sae=sae, policies=pol, on_error="open", self_test=False)
+    out = opened.generate(prompt, pad_token_id=tok.pad_token_id, **GEN)
+    assert torch.equal(out, plain) and opened.last_report.outcome == "failed_open"
+    opened.close()
+    closed = Monitor(model, tok, sae=sae, policies=pol, self_test=False)  # auto: enforce rule -> closed
+    with pytest.raises(MonitorUnavailable) as err:
+        closed.generate(prompt, pad_token_id=tok.pad_token_id, **GEN)
+    assert err.value.report.outcome == "error"
+    closed.close()
+
+
+def test_rule_that_raises_is_an_error(setup, tmp_path, monkeypatch):
+    model, tok, prompt, _ = setup
+    pol = policy(tmp_path, rule())
+    mon = Monitor(model, tok, sae=make_sae(), policies=pol, on_error="closed", self_test=False)
+    monkeypatch.setattr(type(pol), "step", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad rule")))
+    with pytest.raises(MonitorUnavailable, match="bad rule"):
+        mon.generate(prompt, pad_token_id=tok.pad_token_id, **GEN)
+    mon.close()
+
+
+def test_scan_matches_generation(setup, tmp_path):
+    model, tok, prompt, plain = setup
+    mon = Monitor(model, tok, sae=make_sae(), policies=policy(tmp_path, rule(above=0.5, actions="[log]")), self_test=False)
+    mon.generate(prompt, pad_token_id=tok.pad_token_id, **GEN)
+    live = [(h.scope, h.token_index) for h in mon.last_report.hits]
+    prompt_text = tok.decode(prompt[0])
+    report = mon.scan(tok.decode(plain[0, prompt.shape[1]:]), prompt=prompt_text)
+    scanned = [(h.scope, h.token_index) for h in report.hits]
+    if tok(prompt_text)["input_ids"] == prompt[0].tolist():
+        assert scanned == live
+    mon.close()
+
+
+def test_close_restores_model(setup, tmp_path):
+    model, tok, prompt, plain = setup
+    mon = Monitor(model, tok, sae=make_sae(), policies=policy(tmp_path, steer_rule(-1.0)), self_test=False)
+    mon.close()
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, pad_token_id=tok.pad_token_id, **GEN), plain)
