@@ -113,6 +113,14 @@ class Catalog(BaseModel):
     def model_post_init(self, context: Any, /) -> None:
         self._by_name = {f.name: f for f in self.features}
 
+    def __eq__(self, other: object) -> bool:
+        """Equal when the content is; where it was loaded from and the probe cache don't count."""
+        if not isinstance(other, Catalog):
+            return NotImplemented
+        return (self.sae, self.layer, self.features) == (other.sae, other.layer, other.features)
+
+    __hash__ = None  # type: ignore[assignment]  # evidence is a dict: not hashable
+
     # ---------------------------------------------------------------- lookup
 
     @property
@@ -156,7 +164,7 @@ class Catalog(BaseModel):
         return None
 
     def check_sae(self, sae_id: str | None = None, d_sae: int | None = None) -> None:
-        """Raise :class:`CatalogError` unless this catalog fits the SAE ``sae_id`` of width ``d_sae``."""
+        """Raise :class:`CatalogError` unless this catalog fits SAE ``sae_id`` with ``d_sae`` latents."""
         problems = []
         if sae_id is not None and self.sae != sae_id:
             problems.append(f"catalog is for SAE '{self.sae}' but the SAE in use is '{sae_id}'")
@@ -204,8 +212,9 @@ class Catalog(BaseModel):
                     keys = set(fh.keys())
                     missing = [k for k in (f"{key}.weight", f"{key}.bias") if k not in keys]
                     if missing:
+                        have = ", ".join(sorted(keys))
                         raise CatalogError(f"probe feature '{name}': {path} has no tensor "
-                                           f"{', '.join(missing)} (it has: {', '.join(sorted(keys))})")
+                                           f"{', '.join(missing)} (it has: {have})")
                     weight = fh.get_tensor(f"{key}.weight")
                     bias = fh.get_tensor(f"{key}.bias")
             except CatalogError:

@@ -27,6 +27,8 @@ holds back each token until its own forward pass has been evaluated.
 from __future__ import annotations
 
 import contextvars
+import functools
+import inspect
 import threading
 import time
 import uuid
@@ -287,6 +289,9 @@ class Monitor:
         self._encoders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._local = threading.local()
         self._lock = threading.Lock()
+        # The class's generate, not the instance attribute: wrapping a pipeline replaces the
+        # instance's generate with ours.
+        self._model_generate = functools.partial(type(model).generate, model)
         self._hook = residual_hook(model, self.point, self._on_residual)
         self._hook.__enter__()
         self._ids_hook = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
@@ -359,13 +364,13 @@ class Monitor:
 
     def _on_forward(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         request = _current.get()
-        if request is not None:
+        if request is not None and request.monitor is self:
             ids = kwargs.get("input_ids", args[0] if args else None)
             request.current_ids = ids
 
     def _on_residual(self, resid: torch.Tensor) -> None:
         request = _current.get()
-        if request is not None:
+        if request is not None and request.monitor is self:
             request.on_residual(resid)
 
     # ------------------------------------------------------------------ public calls
@@ -404,7 +409,7 @@ class Monitor:
         token = _current.set(request)
         try:
             with torch.no_grad():
-                out = self.model.generate(*args, stopping_criteria=criteria, **kwargs)
+                out = self._model_generate(*args, stopping_criteria=criteria, **kwargs)
                 self._evaluate_last_token(request, out, kwargs.get("attention_mask"))
         finally:
             _current.reset(token)
@@ -426,7 +431,9 @@ class Monitor:
             request.attention_mask = full_mask
         cache = getattr(out, "past_key_values", None)
         if cache is not None and request.positions_done == length - 1:
-            self.model(input_ids=sequences[:, -1:], attention_mask=full_mask, past_key_values=cache,
+            # transformers >= 5.3x calls the cache argument `cache`; older versions `past_key_values`
+            name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+            self.model(input_ids=sequences[:, -1:], attention_mask=full_mask, **{name: cache},
                        cache_position=torch.tensor([length - 1]), use_cache=True)
         else:  # no cache: a teacher-forced pass; recomputed positions replay their edits
             request.positions_done = length - 1
@@ -468,7 +475,7 @@ class Monitor:
                 with torch.no_grad():
                     from transformers import StoppingCriteriaList
 
-                    out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    out = self._model_generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                               streamer=_Streamer(), return_dict_in_generate=True,
                                               stopping_criteria=StoppingCriteriaList([_StopRows(request)]),
                                               pad_token_id=self.tokenizer.pad_token_id, **kwargs)
@@ -595,3 +602,77 @@ def _as_ids(value: Any) -> list[int]:
     if value and isinstance(value[0], list):
         value = value[0]
     return list(value)
+
+
+REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+SHIPPED_CATALOG = Path(__file__).resolve().parent / "saes" / "default" / "catalog.yaml"
+
+
+def _default_policy_dir() -> Path:
+    return REPO_POLICIES
+
+
+def _from_parts(model: nn.Module, tokenizer: Any, *, sae: SAE | str | Path = "default",
+                policies: PolicyStore | CompiledPolicy | str | Path | Sequence[str | Path] | None = None,
+                catalog: Catalog | str | Path | None = None, **options: Any) -> Monitor:
+    from monitor.catalog import load_catalog
+    from monitor.sae import load_sae
+
+    sae_obj = sae if isinstance(sae, SAE) else load_sae(sae)
+    if catalog is None and isinstance(sae, str) and sae == "default" and SHIPPED_CATALOG.is_file():
+        catalog = SHIPPED_CATALOG
+    cat = catalog if isinstance(catalog, Catalog) or catalog is None else load_catalog(catalog, d_sae=sae_obj.cfg.d_sae)
+    if policies is None:
+        policies = _default_policy_dir()
+    store = policies if isinstance(policies, (PolicyStore, CompiledPolicy)) else PolicyStore(policies, cat, sae_obj.cfg.d_sae)
+    return Monitor(model, tokenizer, sae=sae_obj, policies=store, catalog=cat, **options)
+
+
+def from_default(**options: Any) -> Monitor:
+    """The embedded default model, the shipped SAE, its catalog and the shipped policies."""
+    from monitor.models import load_default_model
+
+    model, tokenizer = load_default_model()
+    return _from_parts(model, tokenizer, **options)
+
+
+Monitor.from_default = staticmethod(from_default)  # type: ignore[attr-defined]
+
+
+class MonitoredPipeline:
+    """A ``transformers`` text-generation pipeline whose model generates under policy.
+
+    Calls go to the wrapped pipeline unchanged; its ``model.generate`` is the monitor's, so
+    the pipeline's outputs keep their usual shape (blocked rows carry the rule's message).
+    """
+
+    def __init__(self, pipe: Any, monitor: Monitor) -> None:
+        self.pipeline = pipe
+        self.monitor = monitor
+        pipe.model.generate = monitor.generate
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.pipeline(*args, **kwargs)
+
+    @property
+    def last_report(self) -> Report | None:
+        return self.monitor.last_report
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipeline, name)
+
+
+def wrap(model_or_pipeline: Any, tokenizer: Any = None, **options: Any) -> Monitor | MonitoredPipeline:
+    """Put a model (with its tokenizer) or a text-generation pipeline under policy.
+
+    Options: ``sae`` (an SAE, a path, or "default"), ``policies`` (files, a directory, a
+    PolicyStore or a CompiledPolicy; default: the shipped policies), ``catalog``, and any
+    :class:`Monitor` keyword (``on_error``, ``block_behavior``, ``callbacks``, ...).
+    """
+    if hasattr(model_or_pipeline, "model") and hasattr(model_or_pipeline, "tokenizer") and callable(model_or_pipeline):
+        pipe = model_or_pipeline
+        monitor = _from_parts(pipe.model, tokenizer or pipe.tokenizer, **options)
+        return MonitoredPipeline(pipe, monitor)
+    if tokenizer is None:
+        raise MonitorError("wrap(model, tokenizer, ...) needs the tokenizer (or pass a pipeline)")
+    return _from_parts(model_or_pipeline, tokenizer, **options)

@@ -203,13 +203,12 @@ def valid_keys(model: type[BaseModel]) -> list[str]:
     return [info.alias or name for name, info in model.model_fields.items()]
 
 
-def data_path(data: Any, loc: Loc, *, missing: bool = False) -> Loc:
+def data_path(data: Any, loc: Loc) -> Loc:
     """The part of a pydantic ``loc`` that exists in ``data``; union tags are dropped.
 
     Pydantic inserts the tag of a discriminated-union member into ``loc``
     (``("rules", 0, "when", "leaf", "above")``); this keeps only the steps that walk the data,
-    plus (with ``missing=True``) a final missing key, so it can be looked up in a
-    :class:`YamlSource`.
+    so it can be looked up in a :class:`YamlSource` (a missing key maps to its parent).
     """
     out: list[str | int] = []
     cur = data
@@ -220,8 +219,6 @@ def data_path(data: Any, loc: Loc, *, missing: bool = False) -> Loc:
         elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
             cur = cur[part]
             out.append(part)
-        elif missing and i == len(loc) - 1 and isinstance(cur, dict):
-            out.append(part)  # a missing key: report at its parent mapping
     return tuple(out)
 
 
@@ -255,7 +252,7 @@ def _message(err: Any, root: type[BaseModel], src: YamlSource) -> tuple[Loc, str
     """(data path, text, point-at-key) for one pydantic error dict."""
     loc: Loc = tuple(err["loc"])
     kind = err["type"]
-    path = data_path(src.data, loc, missing=kind == "missing")
+    path = data_path(src.data, loc)
     inp = err.get("input")
     ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":

@@ -263,3 +263,21 @@ def test_close_restores_model(setup, tmp_path):
     mon.close()
     with torch.no_grad():
         assert torch.equal(model.generate(prompt, pad_token_id=tok.pad_token_id, **GEN), plain)
+
+
+def test_wrap_pipeline_is_drop_in(setup, tmp_path):
+    from transformers import pipeline
+
+    from monitor.wrapper import wrap
+
+    model, tok, prompt, plain = setup
+    pipe = pipeline("text-generation", model=model, tokenizer=tok, device="cpu")
+    text = tok.decode(prompt[0])
+    expected = pipe(text, max_new_tokens=6, do_sample=False)
+    wrapped = wrap(pipe, sae=make_sae(), policies=policy(tmp_path, rule(above=-1.0, actions="[log]")), self_test=False)
+    got = wrapped(text, max_new_tokens=6, do_sample=False)
+    assert got == expected
+    assert wrapped.last_report.hits and wrapped.last_report.outcome == "allowed"
+    blocking = wrap(pipe, sae=make_sae(), policies=policy(tmp_path, rule(above=-1.0)), self_test=False)
+    out = blocking(text, max_new_tokens=6, do_sample=False)
+    assert out[0]["generated_text"].endswith("BLOCKED")

@@ -25,7 +25,9 @@ the firing positions copied to the host to build :class:`Hit` objects.
 
 Windows, runs and token counters are kept per row and per scope, so a prompt evaluated in one
 call and a response evaluated one token per call give the same decisions as evaluating the
-concatenated streams in any chunking. NaN activations never pass a test.
+concatenated streams in any chunking. A NaN activation fails every feature test (so a ``not``
+around it passes); a NaN inside a ``window_mean`` window fails that test while it is in the
+window.
 """
 
 from __future__ import annotations
@@ -189,6 +191,7 @@ class EngineState:
     owner: object
     scopes: dict[str, _ScopeState]
     persisted: list[dict[tuple[int, int], SteerDirective]] = field(default_factory=list)
+    steering: bool = False  # any rest_of_response directive persisted (skips a per-row loop)
 
     def tokens_seen(self, scope: StepScope) -> int:
         """Tokens (masked included) stepped so far in ``scope``; the next token's index."""
@@ -276,7 +279,7 @@ class CompiledPolicy:
 
     def new_state(self, batch_size: int, device: torch.device | str | None = None) -> EngineState:
         """Fresh state for a request of ``batch_size`` rows, tensors on ``device`` (CPU default)."""
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = torch.empty(0, device=device).device  # normalised: "cuda" -> "cuda:0"
         scopes = {}
         for scope in SCOPES:
             prog = self._programs[scope]
@@ -312,16 +315,18 @@ class CompiledPolicy:
         st = state.scopes[scope]
         pos0 = st.tokens_seen
         st.tokens_seen += tokens
-        fired = torch.zeros(batch, tokens, n_rules, dtype=torch.bool, device=feats.device)
-        block = torch.zeros(batch, dtype=torch.bool, device=feats.device)
         prog = self._program(scope, feats.device)
-        if prog.rule_cols.numel() == 0 or tokens == 0:
+        n_scope = prog.rule_cols.shape[0]
+        if n_scope == 0 or tokens == 0:
+            fired = torch.zeros(batch, tokens, n_rules, dtype=torch.bool, device=feats.device)
+            block = torch.zeros(batch, dtype=torch.bool, device=feats.device)
             return StepResult(fired, [], block, {}, self._in_force(state, []))
         ev = _evaluate(prog, st, feats.float(), mask)
         rule_fired = ev.rule_fired
-        if prog.rule_cols.numel() == n_rules:
+        if n_scope == n_rules:
             fired = rule_fired  # every rule is in this scope: columns coincide
         else:
+            fired = torch.zeros(batch, tokens, n_rules, dtype=torch.bool, device=feats.device)
             fired.index_copy_(2, prog.rule_cols, rule_fired)
         block = (rule_fired & prog.block_rules).flatten(1).any(1)
         if not bool(rule_fired.any()):  # the one host-device sync of a quiet step
@@ -380,12 +385,15 @@ class CompiledPolicy:
                                    scope)
                 if spec.duration == "rest_of_response":
                     state.persisted[row].setdefault((rule.index, k), d)
+                    state.steering = True
                 elif tok == tokens - 1:
                     now.append(d)
         return hits, blocks, now
 
     @staticmethod
     def _in_force(state: EngineState, now: list[SteerDirective]) -> list[SteerDirective]:
+        if not now and not state.steering:
+            return []
         out: list[SteerDirective] = []
         for row, persisted in enumerate(state.persisted):
             if persisted:

@@ -205,17 +205,18 @@ def _load_file(path: Path, catalog: Catalog | None, d_sae: int | None
     raw_rules = src.data.get("rules")
     ids: dict[str, int] = {}
     for i, raw in enumerate(raw_rules if isinstance(raw_rules, list) else []):
+        loc: Loc = ("rules", i)
+        rule_id = raw.get("id") if isinstance(raw, dict) else None
+        if isinstance(rule_id, str) and rule_id in ids:
+            line = src.position(("rules", ids[rule_id])).line
+            errors.append(located(src, (*loc, "id"), f"duplicate rule id '{rule_id}' (first "
+                                  f"defined at line {line}); rule ids must be unique"))
+        elif isinstance(rule_id, str):
+            ids[rule_id] = i
         try:
             rule = Rule.model_validate(raw)
         except ValidationError:
             continue  # already reported above
-        loc: Loc = ("rules", i)
-        if rule.id in ids:
-            line = src.position(("rules", ids[rule.id])).line
-            errors.append(located(src, (*loc, "id"), f"duplicate rule id '{rule.id}' (first "
-                                  f"defined at line {line}); rule ids must be unique"))
-        else:
-            ids[rule.id] = i
         errors += [located(src, where, text) for where, text in
                    rule_problems(rule, catalog, d_sae, loc)]
     if errors or doc is None:

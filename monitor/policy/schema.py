@@ -107,7 +107,7 @@ def _one_of(model: BaseModel, names: tuple[str, ...], what: str) -> str:
 
 
 def _shorthand(value: Any, keys: tuple[str, ...]) -> Any:
-    """``"log"`` -> ``{"log": {}}`` and ``{"log": None}`` -> ``{"log": {}}`` for option-less keys."""
+    """``"log"`` -> ``{"log": {}}`` and ``{"log": None}`` -> ``{"log": {}}`` (option-less keys)."""
     if isinstance(value, str):
         return {value: {}}
     if isinstance(value, dict):

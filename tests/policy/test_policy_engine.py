@@ -220,8 +220,8 @@ def test_compile_errors_name_rule_and_source(tmp_path):
        actions: [log]}
     - {id: probe, description: x, severity: low, when: {latent: 1, above: 1},
        actions: [{steer: {feature: sycophancy.probe, clamp: 0}}]}
-    - {id: rel, description: x, severity: low, when: {feature: toxicity.insult, above_relative: 0.5},
-       actions: [log]}
+    - {id: rel, description: x, severity: low,
+       when: {feature: toxicity.insult, above_relative: 0.5}, actions: [log]}
     """)
     with pytest.raises(PolicyError) as err:
         compile_policies(PolicySet.from_rules(rules), catalog, d_sae=64)

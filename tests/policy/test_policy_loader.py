@@ -98,30 +98,30 @@ rules:
     assert ":6:23: rules[0] (id: a).when.abvoe: unknown key 'abvoe'; did you mean 'above'?" \
         in errors[1]
     assert ":7:15: rules[0] (id: a).actions[0]: unknown key 'lgo'; did you mean 'log'?" in errors[2]
-    assert ":11:66: rules[1] (id: b).when.aggregate.window_mean.tokens:" in errors[3]
+    assert ":11:69: rules[1] (id: b).when.aggregate.window_mean.tokens:" in errors[3]
     assert "less than or equal to 4096" in errors[3]
     assert ":13:5: rules[1] (id: b).threshold: unknown key 'threshold'" in errors[4]
 
 
 @pytest.mark.parametrize("when, where, message", [
-    ("{latent: 1, above: abc}", ":6:24:", "valid number"),
-    ("{latent: -1, above: 1}", ":6:19:", "greater than or equal to 0"),
+    ("{latent: 1, above: abc}", ":6:30:", "valid number"),
+    ("{latent: -1, above: 1}", ":6:20:", "greater than or equal to 0"),
     ("{latent: 1}", ":6:11:", "give exactly one of 'above', 'below', 'above_relative'"),
     ("{latent: 1, above: 1, below: 0}", ":6:11:", "(got 'above', 'below')"),
     ("{latent: 1, above_relative: 0.5}", ":6:11:", "above_relative needs a catalog 'feature'"),
-    ("{feature: a.b, above_relative: 20}", ":6:36:", "less than or equal to 10"),
-    ("{latent: 1, above: .nan}", ":6:24:", "finite number"),
+    ("{feature: a.b, above_relative: 20}", ":6:42:", "less than or equal to 10"),
+    ("{latent: 1, above: .nan}", ":6:30:", "finite number"),
     ("{any: []}", ":6:17:", "needs at least 1 item(s), got 0"),
     ("{all: []}", ":6:17:", "needs at least 1 item(s), got 0"),
     ("{any: [{latent: 1, above: 1}], all: [{latent: 1, above: 1}]}", ":6:11:",
      "exactly one key 'any', 'all' or 'not'"),
-    ("{latent: 1, above: 1, aggregate: {count_in_window: {tokens: 3, at_least: 4}}}", ":6:56:",
+    ("{latent: 1, above: 1, aggregate: {count_in_window: {tokens: 3, at_least: 4}}}", ":6:62:",
      "at_least (4) cannot exceed tokens (3)"),
-    ("{latent: 1, above: 1, aggregate: {consecutive: {tokens: 0}}}", ":6:62:",
+    ("{latent: 1, above: 1, aggregate: {consecutive: {tokens: 0}}}", ":6:67:",
      "greater than or equal to 1"),
-    ("{latent: 1, above: 1, aggregate: {windw_mean: {tokens: 3}}}", ":6:39:",
+    ("{latent: 1, above: 1, aggregate: {windw_mean: {tokens: 3}}}", ":6:45:",
      "did you mean 'window_mean'?"),
-    ("{latent: 1, above: 1, aggregate: {each_token: {}, consecutive: {tokens: 2}}}", ":6:38:",
+    ("{latent: 1, above: 1, aggregate: {each_token: {}, consecutive: {tokens: 2}}}", ":6:44:",
      "give exactly one of 'each_token'"),
     ("[1, 2]", ":6:11:", "a condition is either a feature test"),
 ])
@@ -133,12 +133,12 @@ def test_condition_errors(tmp_path, when, where, message):
 
 @pytest.mark.parametrize("actions, where, message", [
     ("[]", ":7:14:", "needs at least 1 item(s)"),
-    ("[{block: {}}]", ":7:24:", "missing required key 'message'"),
-    ("[{block: {message: no}}]", ":7:34:", "put the text in quotes"),
-    ("[{steer: {latent: 1}}]", ":7:24:", "give exactly one of 'clamp', 'clamp_relative', 'scale'"),
-    ("[{steer: {latent: 1, clamp: 0, duration: forever}}]", ":7:56:",
+    ("[{block: {}}]", ":7:23:", "missing required key 'message'"),
+    ("[{block: {message: no}}]", ":7:33:", "put the text in quotes"),
+    ("[{steer: {latent: 1}}]", ":7:23:", "give exactly one of 'clamp', 'clamp_relative', 'scale'"),
+    ("[{steer: {latent: 1, clamp: 0, duration: forever}}]", ":7:55:",
      "'forever' is not one of rest_of_response, while_active"),
-    ("[{steer: {latent: 1, clamp_relative: 0.5}}]", ":7:24:", "clamp_relative needs a catalog"),
+    ("[{steer: {latent: 1, clamp_relative: 0.5}}]", ":7:23:", "clamp_relative needs a catalog"),
     ("[{log: {}, metric: {}}]", ":7:15:", "(got 'log', 'metric')"),
 ])
 def test_action_errors(tmp_path, actions, where, message):
@@ -162,7 +162,7 @@ def test_catalog_errors_with_did_you_mean(tmp_path):
         actions="[{steer: {feature: sycophancy.probe, clamp: 0}}, "
                 "{steer: {feature: toxicity.insult, clamp_relative: 0.5}}]"), catalog)
     assert len(errors) == 3
-    assert ":6:11: rules[0] (id: r).when.feature: unknown feature 'unsafe_code.shell_injecton'" \
+    assert ":6:21: rules[0] (id: r).when.feature: unknown feature 'unsafe_code.shell_injecton'" \
         in errors[0] and "did you mean 'unsafe_code.shell_injection'?" in errors[0]
     assert "along_direction: true" in errors[1] and ":7:" in errors[1]
     assert "toxicity.insult' has no max_activation" in errors[2]
@@ -241,4 +241,5 @@ def test_write_json_schema_matches_committed_bytes(tmp_path):
     from monitor.policy import write_json_schema
 
     write_json_schema(tmp_path / "schema.json")
-    assert (tmp_path / "schema.json").read_bytes() == (REPO / "policies" / "schema.json").read_bytes()
+    committed = (REPO / "policies" / "schema.json").read_bytes()
+    assert (tmp_path / "schema.json").read_bytes() == committed
