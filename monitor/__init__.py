@@ -21,6 +21,10 @@ from monitor.errors import (
 )
 from monitor.models import load_default_model, load_model
 from monitor.sae import SAE, SAEConfig, check_fit, load_sae
+from monitor.catalog import Catalog, load_catalog
+from monitor.policy import CompiledPolicy, PolicyStore, compile_policies, load_policies
+from monitor.wrapper import (Blocked, Monitor, MonitoredPipeline, MonitorUnavailable, Report,
+                             from_default, wrap)
 
 __all__ = [
     "__version__",
@@ -42,4 +46,17 @@ __all__ = [
     "SAEConfig",
     "check_fit",
     "load_sae",
+    "Catalog",
+    "load_catalog",
+    "CompiledPolicy",
+    "PolicyStore",
+    "compile_policies",
+    "load_policies",
+    "Blocked",
+    "Monitor",
+    "MonitoredPipeline",
+    "MonitorUnavailable",
+    "Report",
+    "from_default",
+    "wrap",
 ]

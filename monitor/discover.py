@@ -4,22 +4,40 @@ Discovery compares two sets of texts (labeled 1 and 0) in the SAE's latent basis
 is reduced to one number per latent: the maximum activation over the tokens its scope covers
 (the response of a dialogue, the changed lines of a code fix, else the whole text, always
 without position 0). Latents are then ranked by how well that number separates the sets.
+
+Every latent is scored at once: :func:`score_latents` is a few tensor operations over the
+``[n_texts, d_sae]`` matrix, so discovery costs one forward pass per text, truncated after the
+SAE's layer. Numbers measured on the texts used to pick latents are optimistic; :func:`transfer`
+picks latents on one group (a source, a language, a CWE) and scores them on the others, which
+is the number to trust before a latent guards anything.
+
+Flow: :func:`load_discovery_items` -> :func:`discover` -> :class:`DiscoveryResult` (table,
+:func:`transfer`) -> :func:`to_catalog_entries` (+ :func:`max_activations`) -> catalog.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import structlog
 import torch
 from torch import nn
 
 from monitor.capture import HookPoint, residual_hook
 from monitor.data import read_jsonl, render
+from monitor.errors import CatalogError, DataError
+from monitor.stats import auroc
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
+Direction = Literal["positive", "negative", "both"]
+
+log = structlog.get_logger("sae_monitor")
 
 
 @dataclass(frozen=True)
@@ -66,8 +84,55 @@ def labeled_item(row: Mapping[str, Any], tokenizer: Any = None, *, scope: str = 
                        meta={k: row[k] for k in ("id", "pair_id", "subtype", "cwe", "language") if k in row})
 
 
-def load_labeled(path: str | Path, tokenizer: Any = None, *, scope: str = "auto") -> list[LabeledText]:
-    return [labeled_item(row, tokenizer, scope=scope) for row in read_jsonl(path)]
+def load_labeled(path: str | Path, tokenizer: Any = None, *, scope: str = "auto",
+                 label: int | None = None) -> list[LabeledText]:
+    """Items of a labeled JSONL file; ``label`` overrides every row's label (for P/N files)."""
+    rows = read_jsonl(path)
+    if label is not None:
+        rows = ({**row, "label": label} for row in rows)
+    return [labeled_item(row, tokenizer, scope=scope) for row in rows]
+
+
+def load_discovery_items(tokenizer: Any = None, *, data: Sequence[str | Path] = (),
+                         category: str | None = None, positive: Sequence[str | Path] = (),
+                         negative: Sequence[str | Path] = (), per_label: int | None = None,
+                         seed: int = 0, scope: str = "auto") -> list[LabeledText]:
+    """The items to discover on: labeled ``data`` files (optionally one ``category``), or
+    ``positive`` and ``negative`` files whose rows are labeled 1 and 0 whatever they say.
+
+    ``per_label`` keeps a random sample of at most that many items of each label (seeded).
+    Raises :class:`DataError` when the result lacks either label.
+    """
+    if bool(data) == bool(positive or negative):
+        raise DataError("give either labeled data files (--data) or --positive and --negative files")
+    items: list[LabeledText] = []
+    for path in data:
+        items += load_labeled(path, tokenizer, scope=scope)
+    for path in positive:
+        items += load_labeled(path, tokenizer, scope=scope, label=1)
+    for path in negative:
+        items += load_labeled(path, tokenizer, scope=scope, label=0)
+    if category is not None:
+        have = sorted({item.category for item in items})
+        items = [item for item in items if item.category == category]
+        if not items:
+            raise DataError(f"no rows with category '{category}'; categories present: "
+                            f"{', '.join(repr(c) for c in have) or 'none'}")
+    if per_label is not None:
+        rng = random.Random(seed)
+        kept: list[LabeledText] = []
+        for value in (1, 0):
+            group = [item for item in items if item.label == value]
+            kept += rng.sample(group, min(per_label, len(group)))
+        items = kept
+    counts = Counter(item.label for item in items)
+    if not counts[1] or not counts[0]:
+        raise DataError(f"discovery needs texts of both labels; got {counts[1]} labeled 1 and "
+                        f"{counts[0]} labeled 0")
+    return items
+
+
+# ------------------------------------------------------------------ running the model
 
 
 def _token_window(item: LabeledText, tokenizer: Any, ctx: int) -> tuple[list[int], list[bool]]:
@@ -78,11 +143,13 @@ def _token_window(item: LabeledText, tokenizer: Any, ctx: int) -> tuple[list[int
                     for s_tok, e_tok in offsets]
     else:
         in_scope = [True] * len(ids)
+    if not ids:
+        return [], []
     in_scope[0] = False
     if not any(in_scope):  # spans not found after tokenization: fall back to the whole text
         in_scope = [True] * len(ids)
         in_scope[0] = False
-    first = in_scope.index(True)
+    first = in_scope.index(True) if any(in_scope) else 0
     start = 0 if first < ctx else max(0, first - ctx // 4)
     window_ids, window_scope = ids[start:start + ctx], in_scope[start:start + ctx]
     if start > 0:
@@ -94,35 +161,49 @@ class _Stop(Exception):
     pass
 
 
-@torch.no_grad()
-def pooled_activations(model: nn.Module, tokenizer: Any, items: Sequence[LabeledText],
-                       encoders: Mapping[HookPoint, Encoder], *, ctx: int = 256, batch_size: int = 8,
-                       progress: Callable[[int, int], None] | None = None) -> dict[HookPoint, torch.Tensor]:
-    """Per item, the max over in-scope tokens of each encoder's output: ``{point: [n, D]}``.
-
-    The forward pass stops after the deepest hooked block. Items are batched by length.
-    """
-    windows = [_token_window(item, tokenizer, ctx) for item in items]
-    order = sorted(range(len(items)), key=lambda i: len(windows[i][0]))
-    results: dict[HookPoint, list[tuple[int, torch.Tensor]]] = {p: [] for p in encoders}
-    deepest = max(encoders, key=lambda p: (p.layer, p.site == "resid_post"))
+def _padded_batches(windows: Sequence[tuple[list[int], list[bool]]], batch_size: int, pad_id: int
+                    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(item indices, ids, attention mask, scope)`` per batch, items sorted by length."""
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i][0]))
     for b in range(0, len(order), batch_size):
         batch = order[b:b + batch_size]
-        width = max(len(windows[i][0]) for i in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        width = max(1, max(len(windows[i][0]) for i in batch))
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
         scope = torch.zeros(ids.shape, dtype=torch.bool)
         for r, i in enumerate(batch):
             w_ids, w_scope = windows[i]
-            ids[r, :len(w_ids)] = torch.tensor(w_ids)
+            ids[r, :len(w_ids)] = torch.tensor(w_ids, dtype=torch.long)
             attn[r, :len(w_ids)] = 1
-            scope[r, :len(w_ids)] = torch.tensor(w_scope)
+            scope[r, :len(w_ids)] = torch.tensor(w_scope, dtype=torch.bool)
+        yield batch, ids, attn, scope
+
+
+@torch.no_grad()
+def pooled_activations(model: nn.Module, tokenizer: Any, items: Sequence[LabeledText],
+                       encoders: Mapping[HookPoint, Encoder], *, ctx: int = 256, batch_size: int = 8,
+                       progress: Callable[[int, int], None] | None = None,
+                       floor: float | None = 0.0) -> dict[HookPoint, torch.Tensor]:
+    """Per item, the max over in-scope tokens of each encoder's output: ``{point: [n, D]}``.
+
+    The forward pass stops after the deepest hooked block. Items are batched by length.
+    Results are clamped below at ``floor`` (0 suits SAE latents; pass None for signed scores
+    such as probes: an item without in-scope tokens is then ``-inf``).
+    """
+    windows = [_token_window(item, tokenizer, ctx) for item in items]
+    results: dict[HookPoint, list[tuple[int, torch.Tensor]]] = {p: [] for p in encoders}
+    deepest = max(encoders, key=lambda p: (p.layer, p.site == "resid_post"))
+    done = 0
+    for batch, ids, attn, scope in _padded_batches(windows, batch_size, tokenizer.pad_token_id or 0):
         hooks = []
         for point, encode in encoders.items():
-            def grab(resid: torch.Tensor, point: HookPoint = point, encode: Encoder = encode) -> None:
-                acts = encode(resid.float())
+            def grab(resid: torch.Tensor, point: HookPoint = point, encode: Encoder = encode,
+                     batch: list[int] = batch, scope: torch.Tensor = scope) -> None:
+                acts = encode(resid.float()).float()
                 acts = acts.masked_fill(~scope[..., None], float("-inf")).amax(dim=1)
-                results[point].extend(zip(batch, acts.clamp_min(0)))
+                if floor is not None:
+                    acts = acts.clamp_min(floor)
+                results[point].extend(zip(batch, acts))
                 if point == deepest:
                     raise _Stop
             hooks.append(residual_hook(model, point, grab))
@@ -135,10 +216,457 @@ def pooled_activations(model: nn.Module, tokenizer: Any, items: Sequence[Labeled
         finally:
             for h in reversed(hooks):
                 h.__exit__(None, None, None)
+        done += len(batch)
         if progress:
-            progress(min(b + batch_size, len(order)), len(order))
+            progress(done, len(items))
     out = {}
     for point, pairs in results.items():
         pairs.sort(key=lambda pair: pair[0])
         out[point] = torch.stack([t for _, t in pairs])
     return out
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Per-token encoder outputs of one batch; ``acts`` is zero wherever ``scope`` is False."""
+
+    indices: list[int]        # item index of each row
+    ids: torch.Tensor         # [b, t] token ids (padding beyond each item's length)
+    lengths: list[int]        # tokens per row
+    scope: torch.Tensor       # [b, t] bool: positions that count
+    acts: torch.Tensor        # [b, t, D] float32
+
+
+@torch.no_grad()
+def iter_token_activations(model: nn.Module, tokenizer: Any, items: Sequence[LabeledText],
+                           point: HookPoint, encode: Encoder, *, ctx: int = 256,
+                           batch_size: int = 8,
+                           progress: Callable[[int, int], None] | None = None) -> Iterator[TokenBatch]:
+    """Stream per-token activations of ``encode`` at ``point``, one length-sorted batch at a time.
+
+    The tokenisation, scope and truncation are those of :func:`pooled_activations`, so a
+    per-token maximum here equals the pooled value there.
+    """
+    windows = [_token_window(item, tokenizer, ctx) for item in items]
+    done = 0
+    for batch, ids, attn, scope in _padded_batches(windows, batch_size, tokenizer.pad_token_id or 0):
+        captured: list[torch.Tensor] = []
+
+        def grab(resid: torch.Tensor) -> None:
+            captured.append(encode(resid.float()).float())
+            raise _Stop
+
+        with residual_hook(model, point, grab):
+            try:
+                model(input_ids=ids, attention_mask=attn, use_cache=False)
+            except _Stop:
+                pass
+        acts = captured[0] * scope[..., None]
+        done += len(batch)
+        if progress:
+            progress(done, len(items))
+        yield TokenBatch(batch, ids, [len(windows[i][0]) for i in batch], scope, acts)
+
+
+def sae_encoder(sae: Any, latents: Sequence[int] | torch.Tensor | None = None) -> Encoder:
+    """Encode residuals as the monitor does: ``latents`` only (all if None), float32, and zero
+    at tokens outside the SAE's input range (``sae.input_mask``: massive-norm positions)."""
+    encode = sae.encode if latents is None else sae.subset_encoder(latents)
+    input_mask = getattr(sae, "input_mask", None)
+
+    def run(resid: torch.Tensor) -> torch.Tensor:
+        acts = encode(resid).float()
+        if input_mask is not None:
+            acts = acts * input_mask(resid)[..., None]
+        return acts
+
+    return run
+
+
+def _as_items(texts: Sequence[str | LabeledText]) -> list[LabeledText]:
+    return [t if isinstance(t, LabeledText) else LabeledText(text=t, label=0) for t in texts]
+
+
+# ------------------------------------------------------------------ scoring
+
+
+@dataclass(frozen=True)
+class LatentScores:
+    """Separation statistics of every latent; each tensor is ``[d_sae]``.
+
+    ``auroc``: P(max activation on a positive text > on a negative one), ties half.
+    ``fire_pos`` / ``fire_neg``: fraction of texts where the latent fires (max > 0).
+    ``mean_pos`` / ``mean_neg``: mean of the per-text max. ``pair_win``: over minimal pairs
+    (same ``pair_id``), the fraction where the positive side is higher, ties half (None
+    without pairs).
+    """
+
+    auroc: torch.Tensor
+    fire_pos: torch.Tensor
+    fire_neg: torch.Tensor
+    mean_pos: torch.Tensor
+    mean_neg: torch.Tensor
+    n_pos: int
+    n_neg: int
+    pair_win: torch.Tensor | None = None
+    n_pairs: int = 0
+
+    @property
+    def gap(self) -> torch.Tensor:
+        """``mean_pos - mean_neg``."""
+        return self.mean_pos - self.mean_neg
+
+    def rank(self, top: int, direction: Direction = "positive") -> torch.Tensor:
+        """The ``top`` latent indices, best first.
+
+        ``positive``: latents that fire more on label 1 (AUROC high); ``negative``: more on
+        label 0; ``both``: farthest from 0.5. Ties are broken by the mean gap, then by index.
+        """
+        if direction == "positive":
+            key, second = self.auroc, self.gap
+        elif direction == "negative":
+            key, second = 1 - self.auroc, -self.gap
+        elif direction == "both":
+            key, second = (self.auroc - 0.5).abs(), self.gap.abs()
+        else:
+            raise ValueError(f"direction must be 'positive', 'negative' or 'both', not {direction!r}")
+        order = torch.sort(second, descending=True, stable=True).indices
+        order = order[torch.sort(key[order], descending=True, stable=True).indices]
+        return order[:top]
+
+
+def score_latents(pooled: torch.Tensor, labels: torch.Tensor | Sequence[int],
+                  pair_ids: Sequence[str | None] | None = None, *, chunk: int = 2048) -> LatentScores:
+    """Score every column of ``pooled [n_texts, d_sae]`` against binary ``labels``.
+
+    Vectorised over latents (AUROC in column chunks of ``chunk`` to bound memory).
+    """
+    pooled = torch.as_tensor(pooled).float()
+    labels = torch.as_tensor(labels).bool()
+    if pooled.dim() != 2 or pooled.shape[0] != labels.shape[0]:
+        raise ValueError(f"pooled must be [n_texts, d] with one label per text; got "
+                         f"{tuple(pooled.shape)} and {labels.shape[0]} labels")
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if not n_pos or not n_neg:
+        raise DataError(f"scoring needs texts of both labels; got {n_pos} labeled 1 and {n_neg} labeled 0")
+    auc = torch.cat([auroc(pooled[:, c:c + chunk], labels).float()
+                     for c in range(0, pooled.shape[1], chunk)])
+    fires = pooled > 0
+    pair_win, n_pairs = None, 0
+    if pair_ids is not None:
+        pos_of: dict[str, int] = {}
+        neg_of: dict[str, int] = {}
+        for i, pid in enumerate(pair_ids):
+            if pid is None or pid == "":
+                continue
+            (pos_of if labels[i] else neg_of).setdefault(str(pid), i)
+        both = [pid for pid in pos_of if pid in neg_of]
+        if both:
+            diff = pooled[[pos_of[p] for p in both]] - pooled[[neg_of[p] for p in both]]
+            pair_win = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean(dim=0)
+            n_pairs = len(both)
+    return LatentScores(auroc=auc, fire_pos=fires[labels].float().mean(0),
+                        fire_neg=fires[~labels].float().mean(0), mean_pos=pooled[labels].mean(0),
+                        mean_neg=pooled[~labels].mean(0), n_pos=n_pos, n_neg=n_neg,
+                        pair_win=pair_win, n_pairs=n_pairs)
+
+
+def _pair_ids(items: Sequence[LabeledText]) -> list[str | None] | None:
+    ids = [item.meta.get("pair_id") for item in items]
+    return ids if any(i is not None for i in ids) else None
+
+
+@dataclass
+class DiscoveryResult:
+    """What :func:`discover` found. ``pooled [n_texts, d_sae]`` is kept for :func:`transfer`
+    and for picking examples; ``ranked`` holds the best latents, best first."""
+
+    point: HookPoint
+    items: list[LabeledText]
+    pooled: torch.Tensor
+    scores: LatentScores
+    ranked: torch.Tensor
+    direction: Direction = "positive"
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([item.label for item in self.items], dtype=torch.bool)
+
+    def rows(self, latents: Sequence[int] | torch.Tensor | None = None) -> list[dict[str, Any]]:
+        """One dict per latent (default: the ranked ones): the numbers of the table."""
+        latents = self.ranked if latents is None else torch.as_tensor(latents, dtype=torch.long)
+        s = self.scores
+        rows = []
+        for rank, j in enumerate(latents.tolist(), 1):
+            row: dict[str, Any] = {
+                "rank": rank, "latent": j, "auroc": round(float(s.auroc[j]), 4),
+                "fire_pos": round(float(s.fire_pos[j]), 4), "fire_neg": round(float(s.fire_neg[j]), 4),
+                "mean_pos": round(float(s.mean_pos[j]), 4), "mean_neg": round(float(s.mean_neg[j]), 4),
+                "gap": round(float(s.gap[j]), 4)}
+            if s.pair_win is not None:
+                row["pair_win"] = round(float(s.pair_win[j]), 4)
+            rows.append(row)
+        return rows
+
+    def table(self, fmt: Literal["markdown", "terminal"] = "markdown",
+              latents: Sequence[int] | torch.Tensor | None = None) -> str:
+        """The ranked latents as a Markdown or plain aligned table."""
+        columns = [("rank", "#", "{}"), ("latent", "latent", "{}"), ("auroc", "AUROC", "{:.3f}")]
+        if self.scores.pair_win is not None:
+            columns.append(("pair_win", "pair win", "{:.3f}"))
+        columns += [("fire_pos", "fires on 1", "{:.1%}"), ("fire_neg", "fires on 0", "{:.1%}"),
+                    ("mean_pos", "mean max 1", "{:.3f}"), ("mean_neg", "mean max 0", "{:.3f}"),
+                    ("gap", "gap", "{:+.3f}")]
+        body = [[fmt_.format(row[key]) for key, _, fmt_ in columns] for row in self.rows(latents)]
+        head = [title for _, title, _ in columns]
+        caption = (f"{self.scores.n_pos} texts labeled 1, {self.scores.n_neg} labeled 0"
+                   + (f", {self.scores.n_pairs} pairs" if self.scores.n_pairs else "")
+                   + f"; SAE at {self.point.name}; per-text max over in-scope tokens")
+        if fmt == "markdown":
+            lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
+            lines += ["| " + " | ".join(r) + " |" for r in body]
+            return "\n".join(lines) + f"\n\n{caption}\n"
+        if fmt != "terminal":
+            raise ValueError(f"fmt must be 'markdown' or 'terminal', not {fmt!r}")
+        widths = [max(len(h), *(len(r[c]) for r in body)) if body else len(h) for c, h in enumerate(head)]
+        lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+        lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in body]
+        return "\n".join(lines) + f"\n{caption}\n"
+
+    def top_items(self, latent: int, k: int = 3, label: int | None = 1) -> list[int]:
+        """Indices of the ``k`` items (of ``label``; None: any) where ``latent`` is highest."""
+        values = self.pooled[:, latent].clone()
+        if label is not None:
+            values[self.labels != bool(label)] = float("-inf")
+        order = torch.sort(values, descending=True, stable=True).indices[:k]
+        return [i for i in order.tolist() if values[i] > 0]
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.scores
+        return {"hook": self.point.name, "n_pos": s.n_pos, "n_neg": s.n_neg, "n_pairs": s.n_pairs,
+                "direction": self.direction, "latents": self.rows()}
+
+
+@torch.no_grad()
+def discover(model: nn.Module, tokenizer: Any, sae: Any, items: Sequence[LabeledText], *,
+             top: int = 20, direction: Direction = "positive", ctx: int = 256, batch_size: int = 8,
+             point: HookPoint | None = None,
+             progress: Callable[[int, int], None] | None = None) -> DiscoveryResult:
+    """Score every latent of ``sae`` on ``items`` and rank the best ``top``.
+
+    One forward pass per text, stopped after the SAE's block; run the model in bfloat16 on CPU
+    for speed (the residual is cast to float32 before encoding). Memory: ``n_texts * d_sae``
+    floats for the pooled matrix.
+    """
+    items = list(items)
+    point = point or sae.hook_point
+    pooled = pooled_activations(model, tokenizer, items, {point: sae_encoder(sae)}, ctx=ctx,
+                                batch_size=batch_size, progress=progress)[point]
+    labels = torch.tensor([item.label for item in items], dtype=torch.bool)
+    scores = score_latents(pooled, labels, _pair_ids(items))
+    ranked = scores.rank(top, direction)
+    log.info("discover_done", texts=len(items), d_sae=pooled.shape[1], hook=point.name,
+             best_latent=int(ranked[0]) if len(ranked) else None,
+             best_auroc=float(scores.auroc[ranked[0]]) if len(ranked) else None)
+    return DiscoveryResult(point=point, items=items, pooled=pooled, scores=scores, ranked=ranked,
+                           direction=direction)
+
+
+@torch.no_grad()
+def max_activations(model: nn.Module, tokenizer: Any, sae: Any, texts: Sequence[str | LabeledText],
+                    latents: Sequence[int] | torch.Tensor, *, ctx: int = 256, batch_size: int = 8,
+                    point: HookPoint | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> dict[int, float]:
+    """``{latent: largest activation}`` over every in-scope token of ``texts`` (position 0 and
+    out-of-range tokens excluded, as when monitoring). Only ``latents`` are encoded."""
+    latents = [int(j) for j in torch.as_tensor(latents, dtype=torch.long).tolist()]
+    if not latents:
+        return {}
+    point = point or sae.hook_point
+    pooled = pooled_activations(model, tokenizer, _as_items(texts), {point: sae_encoder(sae, latents)},
+                                ctx=ctx, batch_size=batch_size, progress=progress)[point]
+    peak = pooled.amax(dim=0) if len(pooled) else torch.zeros(len(latents))
+    return dict(zip(latents, peak.tolist()))
+
+
+# ------------------------------------------------------------------ generalisation
+
+
+def group_of(item: LabeledText, key: str) -> str:
+    """The value of ``key`` for ``item``: ``source``, ``category`` or a ``meta`` field."""
+    if key == "source":
+        return item.source
+    if key == "category":
+        return item.category
+    value = item.meta.get(key)
+    return "" if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """Latents picked on group ``fit`` and their AUROC on each other group.
+
+    ``test_auroc[g]`` is ``[top]``, aligned with ``latents``; ``oracle[g]`` is the best any
+    latent reaches on ``g`` (what picking on ``g`` itself would promise).
+    """
+
+    key: str
+    fit: str
+    latents: torch.Tensor
+    fit_auroc: torch.Tensor
+    test_auroc: dict[str, torch.Tensor]
+    oracle: dict[str, tuple[int, float]]
+    skipped: dict[str, str]
+
+    def table(self) -> str:
+        groups = list(self.test_auroc)
+        head = ["latent", f"{self.key}={self.fit} (fit)"] + groups
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
+        for r, j in enumerate(self.latents.tolist()):
+            cells = [str(j), f"{float(self.fit_auroc[r]):.3f}"]
+            cells += [f"{float(self.test_auroc[g][r]):.3f}" for g in groups]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| mean | " + f"{float(self.fit_auroc.mean()):.3f} | "
+                     + " | ".join(f"{float(self.test_auroc[g].mean()):.3f}" for g in groups) + " |")
+        lines.append("| best on test (oracle) | | "
+                     + " | ".join(f"{self.oracle[g][1]:.3f} (latent {self.oracle[g][0]})" for g in groups)
+                     + " |")
+        notes = [f"skipped {g}: {why}" for g, why in self.skipped.items()]
+        return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "fit": self.fit, "latents": self.latents.tolist(),
+                "fit_auroc": [round(v, 4) for v in self.fit_auroc.tolist()],
+                "test_auroc": {g: [round(v, 4) for v in t.tolist()] for g, t in self.test_auroc.items()},
+                "oracle": {g: {"latent": j, "auroc": round(a, 4)} for g, (j, a) in self.oracle.items()},
+                "skipped": self.skipped}
+
+
+def transfer(result: DiscoveryResult, fit: str, *, key: str = "source",
+             test: Sequence[str] | None = None, top: int = 10,
+             direction: Direction | None = None) -> TransferReport:
+    """Pick the ``top`` latents on the items whose ``key`` is ``fit``; score them on the others.
+
+    Uses the pooled activations already in ``result``: no model run. ``test`` defaults to every
+    other group that holds both labels. In-distribution AUROC overstates what a latent does on
+    new text; a latent worth naming keeps most of its AUROC here.
+    """
+    direction = direction or result.direction
+    groups = [group_of(item, key) for item in result.items]
+    counts: dict[str, Counter[int]] = {}
+    for g, item in zip(groups, result.items):
+        counts.setdefault(g, Counter())[item.label] += 1
+    listing = ", ".join(f"{g or '(empty)'!r} ({c[1]}/{c[0]})" for g, c in sorted(counts.items()))
+    if fit not in counts or not counts[fit][0] or not counts[fit][1]:
+        raise DataError(f"cannot fit on {key}={fit!r}: it needs texts of both labels. Groups "
+                        f"(label 1/label 0): {listing}")
+    group_tensor = {g: torch.tensor([x == g for x in groups]) for g in counts}
+    labels = result.labels
+    fit_mask = group_tensor[fit]
+    fit_scores = score_latents(result.pooled[fit_mask], labels[fit_mask])
+    latents = fit_scores.rank(top, direction)
+    wanted = [g for g in counts if g != fit] if test is None else list(test)
+    test_auroc: dict[str, torch.Tensor] = {}
+    oracle: dict[str, tuple[int, float]] = {}
+    skipped: dict[str, str] = {}
+    for g in wanted:
+        if g not in counts:
+            raise DataError(f"no texts with {key}={g!r}; groups: {listing}")
+        if not counts[g][0] or not counts[g][1]:
+            skipped[g] = f"needs both labels, has {counts[g][1]} labeled 1 and {counts[g][0]} labeled 0"
+            continue
+        mask = group_tensor[g]
+        all_auc = score_latents(result.pooled[mask], labels[mask]).auroc
+        test_auroc[g] = all_auc[latents]
+        best = int(torch.argmax(all_auc if direction != "negative" else -all_auc))
+        oracle[g] = (best, float(all_auc[best]))
+    return TransferReport(key=key, fit=fit, latents=latents, fit_auroc=fit_scores.auroc[latents],
+                          test_auroc=test_auroc, oracle=oracle, skipped=skipped)
+
+
+# ------------------------------------------------------------------ catalog entries
+
+
+def _slug(text: str, default: str = "discovered") -> str:
+    slug = re.sub(r"[^a-z0-9_]+", "_", text.lower()).strip("_")
+    if not slug or not slug[0].isalpha():
+        slug = f"{default}_{slug}".strip("_") if slug else default
+    return slug
+
+
+def _snippet(item: LabeledText, chars: int = 160) -> str:
+    """The in-scope part of ``item`` (first span), shortened to about ``chars`` characters."""
+    start, end = item.spans[0] if item.spans else (0, len(item.text))
+    piece = " ".join(item.text[start:end].split())
+    return piece if len(piece) <= chars else piece[:chars - 1] + "…"
+
+
+def to_catalog_entries(result: DiscoveryResult, names: Mapping[int, str] | int, sae_id: str,
+                       max_activations: Mapping[int, float] | None = None, *,
+                       examples: Mapping[int, Sequence[str]] | None = None,
+                       descriptions: Mapping[int, str] | None = None,
+                       n_examples: int = 3) -> list[Any]:
+    """Catalog entries (:class:`monitor.catalog.FeatureEntry`) for discovered latents.
+
+    ``names``: ``{latent: "dotted.name"}``, or an int N to take the N best ranked latents
+    named ``<category>.latent_<index>`` (rename them after reading their examples).
+    ``max_activations``: from :func:`max_activations` over a reference corpus; a latent that
+    never fired gets none. ``examples``: contexts per latent (e.g. from
+    :func:`monitor.explain.example_contexts`); by default the in-scope text of the positive
+    items where the latent is highest. Evidence records the SAE id, AUROC, firing rates,
+    mean gap, pair win rate and the data sizes.
+    """
+    from monitor.catalog import FeatureEntry
+
+    if isinstance(names, int):
+        positives = Counter(item.category for item in result.items if item.label == 1)
+        prefix = _slug(positives.most_common(1)[0][0] if positives else "")
+        names = {j: f"{prefix}.latent_{j}" for j in result.ranked[:names].tolist()}
+    d_sae = result.pooled.shape[1]
+    bad = [j for j in names if not 0 <= int(j) < d_sae]
+    if bad:
+        raise CatalogError(f"latents {bad} are out of range for an SAE with {d_sae} latents "
+                           f"(valid: 0..{d_sae - 1})")
+    rows = {row["latent"]: row for row in result.rows(list(names))}
+    entries = []
+    for latent, name in names.items():
+        row = rows[int(latent)]
+        evidence: dict[str, Any] = {"sae": sae_id, "hook": result.point.name, "auroc": row["auroc"]}
+        if "pair_win" in row:
+            evidence["pair_win_rate"] = row["pair_win"]
+            evidence["n_pairs"] = result.scores.n_pairs
+        evidence.update({"firing_rate_pos": row["fire_pos"], "firing_rate_neg": row["fire_neg"],
+                         "mean_gap": row["gap"], "n_pos": result.scores.n_pos,
+                         "n_neg": result.scores.n_neg})
+        if examples is not None and examples.get(int(latent)):
+            evidence["examples"] = list(examples[int(latent)])[:n_examples]
+        else:
+            evidence["examples"] = [_snippet(result.items[i])
+                                    for i in result.top_items(int(latent), n_examples)]
+        peak = (max_activations or {}).get(int(latent))
+        try:
+            entries.append(FeatureEntry(
+                name=name, latent=int(latent),
+                description=(descriptions or {}).get(int(latent), ""),
+                max_activation=round(float(peak), 4) if peak is not None and peak > 0 else None,
+                evidence=evidence))
+        except ValueError as exc:  # pydantic's ValidationError: a bad name
+            raise CatalogError(f"cannot make a catalog entry for latent {latent} named {name!r}: "
+                               f"{exc}") from None
+    return entries
+
+
+def merge_into_catalog(entries: Sequence[Any], sae_id: str, layer: int, existing: Any = None) -> Any:
+    """A :class:`monitor.catalog.Catalog` with ``existing``'s features plus ``entries``; an entry
+    replaces an existing feature of the same name, in place. Refuses a catalog for another SAE."""
+    from monitor.catalog import Catalog
+
+    if existing is None:
+        return Catalog(sae=sae_id, layer=layer, features=tuple(entries))
+    if existing.sae != sae_id or existing.layer != layer:
+        raise CatalogError(f"catalog {existing.source or ''} is for SAE '{existing.sae}' at layer "
+                           f"{existing.layer}, not '{sae_id}' at layer {layer}; write a new one")
+    new = {e.name: e for e in entries}
+    features = [new.pop(f.name, f) for f in existing.features] + list(new.values())
+    merged = Catalog(sae=sae_id, layer=layer, features=tuple(features))
+    return merged.with_source(existing.source) if existing.source is not None else merged

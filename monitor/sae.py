@@ -242,6 +242,22 @@ class SAE(nn.Module):
         """``encode(x)[..., latents]``, computed from only those latents' weights where exact."""
         return self.subset_encoder(latents)(x)
 
+    @property
+    def max_input_norm(self) -> float:
+        """Residual norm above which a token is not encoded (``metadata.max_input_norm``).
+
+        Some positions carry "massive activations" (norms 100x the median, e.g. attention
+        sinks); an SAE is not trained on them and its latents there mean nothing.
+        """
+        return float(self.cfg.metadata.get("max_input_norm", float("inf")))
+
+    def input_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """True where ``x[..., d_in]`` is within the SAE's input range (see ``max_input_norm``)."""
+        limit = self.max_input_norm
+        if limit == float("inf"):
+            return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        return x.float().norm(dim=-1) <= limit
+
     def direction(self, latent: int) -> torch.Tensor:
         """The decoder row of ``latent``: what adding one unit of that latent adds to the residual."""
         return self.W_dec[latent]
@@ -438,6 +454,7 @@ def check_fit(sae: SAE, model: nn.Module, tokenizer: Any, *, point: Any = None,
     with torch.no_grad():
         acts = capture(model, ids, point)
         acts = acts[0, 1:].to(sae.W_enc.dtype)  # position 0 is an attention sink with huge norm
+        acts = acts[sae.input_mask(acts)]
         score = fvu(acts, sae(acts))
     if not score <= max_fvu:
         raise SAEMismatchError(

@@ -5,9 +5,10 @@ mean L0, the fraction of latents never active, and next-token cross-entropy of t
 clean, with the SAE's reconstruction spliced in at its hook point, and with that residual
 zero-ablated; CE loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean).
 
-Position 0 of every text is left alone when splicing and excluded from FVU/L0: it is an
-attention sink with a norm far outside the distribution the SAE was trained on, and the
-monitor ignores it too.
+Position 0 of every text, and any position whose norm exceeds the SAE's ``max_input_norm``
+("massive activations"), is left alone when splicing and excluded from FVU/L0: such positions
+are attention sinks with norms ~100x the median, outside what the SAE was trained on, and the
+monitor ignores them too.
 """
 
 from __future__ import annotations
@@ -71,8 +72,14 @@ def evaluate_sae(model: nn.Module, tokenizer: Any, sae: SAE, texts: Sequence[str
             mask[i, :len(e)] = 1
         keep = mask.bool().clone()
         keep[:, 0] = False
+        outliers = torch.zeros_like(keep)
 
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        def find_outliers(resid: torch.Tensor) -> None:
+            outliers.copy_(~sae.input_mask(resid))
+
+        with residual_hook(model, point, find_outliers):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        keep &= ~outliers
         loss, count = _ce(logits, ids, mask)
         ce["clean"] += loss
         ce_tokens += count

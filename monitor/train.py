@@ -155,6 +155,7 @@ class TrainConfig:
     epochs: float = 1.0
     seed: int = 0
     checkpoint_every: int = 100
+    outlier_factor: float = 10.0  # tokens with norm > factor * median are "massive activations"
 
 
 @dataclass
@@ -248,6 +249,12 @@ def train_sae(acts: torch.Tensor, cfg: TrainConfig, *, out: str | Path | None = 
     raw residual activations.
     """
     generator = torch.Generator().manual_seed(cfg.seed)
+    norms = acts[::max(1, len(acts) // 200_000)].float().norm(dim=-1)
+    max_input_norm = float(norms.median()) * cfg.outlier_factor
+    inliers = acts.float().norm(dim=-1) <= max_input_norm if len(acts) < 50_000 else _inliers(acts, max_input_norm)
+    n_outliers = int((~inliers).sum())
+    if n_outliers:
+        acts = acts[inliers]
     n_tokens, d_in = acts.shape
     total_steps = max(1, int(cfg.epochs * n_tokens) // cfg.batch_tokens)
     ckpt_path = Path(out) / "checkpoint.pt" if out else None
@@ -333,8 +340,14 @@ def train_sae(acts: torch.Tensor, cfg: TrainConfig, *, out: str | Path | None = 
             _save_checkpoint(ckpt_path, params, optimizer, state, history)
     if ckpt_path:
         _save_checkpoint(ckpt_path, params, optimizer, state, history)
-    return _fold(state, params, cfg, d_in), {"steps": total_steps, "tokens": total_steps * cfg.batch_tokens,
-                                              "history": history, "scale": state.scale}
+    sae = _fold(state, params, cfg, d_in)
+    sae.cfg = replace(sae.cfg, metadata={**sae.cfg.metadata, "max_input_norm": max_input_norm})
+    return sae, {"steps": total_steps, "tokens": total_steps * cfg.batch_tokens, "history": history,
+                 "scale": state.scale, "outliers_dropped": n_outliers, "max_input_norm": max_input_norm}
+
+
+def _inliers(acts: torch.Tensor, limit: float, chunk: int = 262_144) -> torch.Tensor:
+    return torch.cat([acts[i:i + chunk].float().norm(dim=-1) <= limit for i in range(0, len(acts), chunk)])
 
 
 def _save_checkpoint(path: Path, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
@@ -374,11 +387,12 @@ def evaluate_reconstruction(sae: SAE, acts: torch.Tensor, *, batch: int = 8192) 
     """FVU, mean L0 and the fraction of latents never active on ``acts``."""
     sq_err, l0, count = 0.0, 0.0, 0
     ever = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    mean = acts.float().mean(0)
+    mean = torch.cat([c[sae.input_mask(c)] for c in acts.float().split(batch)]).mean(0)
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(acts), batch):
             x = acts[i:i + batch].float()
+            x = x[sae.input_mask(x)]
             f = sae.encode(x)
             x_hat = sae.decode(f, x)
             sq_err += float((x - x_hat).pow(2).sum())

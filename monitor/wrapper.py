@@ -199,6 +199,7 @@ class _Request:
         if not torch.isfinite(feats).all():
             raise FloatingPointError("non-finite SAE activation")
         mask = self._mask(ids[:, lo:hi] if ids is not None else None, start + lo, hi - lo)
+        mask &= self.monitor.sae.input_mask(part)  # massive-activation positions carry no content
         self.report.tokens_monitored[scope] += int(mask.sum())
         result = self.policy.step(self.state, feats, mask, scope)  # type: ignore[arg-type]
         if result.hits:

@@ -75,7 +75,7 @@ def build_windows(tokenizer):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("step", choices=["extract", "compare", "train"])
+    parser.add_argument("step", choices=["extract", "compare", "train", "heldout"])
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--epochs", type=float, default=2.0)
     args = parser.parse_args()
@@ -93,6 +93,8 @@ def main() -> None:
         compare_layers(model, tokenizer)
     elif args.step == "train":
         train_final(args.layer, args.epochs)
+    elif args.step == "heldout":
+        print(write_heldout(tokenizer))
 
 
 COMPARE_TOKENS = 600_000
@@ -182,8 +184,41 @@ def compare_layers(model, tokenizer):
     print(json.dumps(report, indent=2))
 
 
+FINAL_TOKENS = 2_400_000
+SHIP = ROOT / "monitor" / "saes" / "default"
+
+
 def train_final(layer, epochs):
-    raise SystemExit("not yet")
+    from dataclasses import replace as dc_replace
+
+    from monitor.train import TrainConfig, evaluate_reconstruction, load_activations, train_sae
+
+    acts = load_activations(WORK / "acts" / f"L{layer}_resid_post", max_tokens=FINAL_TOKENS)
+    held = acts[-40_000:]
+    train = acts[:-40_000]
+    cfg = TrainConfig(epochs=epochs, dead_tokens=500_000)
+    sae, summary = train_sae(train, cfg, out=WORK / f"final-L{layer}", log_every=25)
+    point = HookPoint(layer)
+    sae.cfg = dc_replace(sae.cfg, model_name="SmolLM2-135M-Instruct", hook_name=point.name, hook_layer=layer,
+                         metadata={**sae.cfg.metadata, "training_tokens": int(len(train)),
+                                   "outliers_dropped": summary["outliers_dropped"]})
+    SHIP.mkdir(parents=True, exist_ok=True)
+    sae.save(SHIP, dtype=torch.float16)
+    recon = evaluate_reconstruction(sae, held)
+    (WORK / "final_summary.json").write_text(json.dumps({"train": {k: v for k, v in summary.items() if k != "history"},
+                                                         "shard_heldout": recon, "last": summary["history"][-1]}, indent=2))
+    print(json.dumps(recon), file=sys.stderr)
+
+
+def write_heldout(tokenizer, n=150):
+    """Held-out corpus documents (never in training) as JSONL for sae-eval."""
+    path = WORK / "heldout.jsonl"
+    with path.open("w") as handle:
+        for i, row in enumerate(corpus_rows(True)):
+            if i >= n:
+                break
+            handle.write(json.dumps({"text": render(row, tokenizer)}) + "\n")
+    return path
 
 
 if __name__ == "__main__":
