@@ -25,19 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import structlog
 import torch
 from torch import nn
 
 from monitor.capture import HookPoint, residual_hook
 from monitor.data import read_jsonl, render
-from monitor.errors import CatalogError, DataError
+from monitor.errors import CatalogError, DataError, UnsupportedModelError
 from monitor.stats import auroc
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 Direction = Literal["positive", "negative", "both"]
-
-log = structlog.get_logger("sae_monitor")
 
 
 @dataclass(frozen=True)
@@ -119,17 +116,31 @@ def load_discovery_items(tokenizer: Any = None, *, data: Sequence[str | Path] = 
             raise DataError(f"no rows with category '{category}'; categories present: "
                             f"{', '.join(repr(c) for c in have) or 'none'}")
     if per_label is not None:
-        rng = random.Random(seed)
-        kept: list[LabeledText] = []
-        for value in (1, 0):
-            group = [item for item in items if item.label == value]
-            kept += rng.sample(group, min(per_label, len(group)))
-        items = kept
+        items = _sample(items, per_label, seed)
     counts = Counter(item.label for item in items)
     if not counts[1] or not counts[0]:
         raise DataError(f"discovery needs texts of both labels; got {counts[1]} labeled 1 and "
                         f"{counts[0]} labeled 0")
     return items
+
+
+def _sample(items: Sequence[LabeledText], per_label: int, seed: int) -> list[LabeledText]:
+    """At most ``per_label`` items of each label, drawn at random but keeping minimal pairs
+    (same ``pair_id``) together so that pair statistics stay available."""
+    groups: dict[str, list[LabeledText]] = {}
+    for i, item in enumerate(items):
+        pid = item.meta.get("pair_id")
+        groups.setdefault(f"pair:{pid}" if pid is not None else f"item:{i}", []).append(item)
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    counts: Counter[int] = Counter()
+    kept = []
+    for key in keys:
+        for item in groups[key]:
+            if counts[item.label] < per_label:
+                counts[item.label] += 1
+                kept.append(item)
+    return kept
 
 
 # ------------------------------------------------------------------ running the model
@@ -261,6 +272,8 @@ def iter_token_activations(model: nn.Module, tokenizer: Any, items: Sequence[Lab
                 model(input_ids=ids, attention_mask=attn, use_cache=False)
             except _Stop:
                 pass
+        if not captured:
+            raise UnsupportedModelError(f"the hook at {point.name} never ran during the forward pass")
         acts = captured[0] * scope[..., None]
         done += len(batch)
         if progress:
@@ -465,9 +478,6 @@ def discover(model: nn.Module, tokenizer: Any, sae: Any, items: Sequence[Labeled
     labels = torch.tensor([item.label for item in items], dtype=torch.bool)
     scores = score_latents(pooled, labels, _pair_ids(items))
     ranked = scores.rank(top, direction)
-    log.info("discover_done", texts=len(items), d_sae=pooled.shape[1], hook=point.name,
-             best_latent=int(ranked[0]) if len(ranked) else None,
-             best_auroc=float(scores.auroc[ranked[0]]) if len(ranked) else None)
     return DiscoveryResult(point=point, items=items, pooled=pooled, scores=scores, ranked=ranked,
                            direction=direction)
 

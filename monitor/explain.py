@@ -112,6 +112,9 @@ def token_pieces(tokenizer: Any, ids: Sequence[int], previous: int | None = None
     pieces = []
     for i in range(len(ids)):
         text = tokenizer.decode(prefix + [int(t) for t in ids[:i + 1]], skip_special_tokens=False)
+        if text.endswith("\ufffd") and i + 1 < len(ids):
+            pieces.append("")  # an incomplete character: its last byte's token will carry it
+            continue
         if text.startswith(done):
             pieces.append(text[len(done):])
         else:  # the decode of the longer sequence rewrote earlier text
@@ -226,7 +229,9 @@ def _final_norm_scale(model: nn.Module) -> torch.Tensor | None:
 
 
 def _visible(piece: str) -> str:
-    return piece.replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
+    """Whitespace and control characters made visible, for one-line displays."""
+    piece = piece.replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
+    return "".join(f"\\x{ord(ch):02x}" if ord(ch) < 32 or ord(ch) == 127 else ch for ch in piece)
 
 
 @torch.no_grad()
@@ -245,14 +250,18 @@ def logit_effects(model: nn.Module, tokenizer: Any, sae: Any, latent: int, k: in
     scale = _final_norm_scale(model)
     if scale is not None and scale.shape == direction.shape:
         direction = direction * scale
-    effects = (unembed @ direction.to(unembed.dtype)).float()[:len(tokenizer)]
+    effects = (unembed.float() @ direction)[:len(tokenizer)]
     k = min(k, len(effects))
     up = torch.topk(effects, k)
     down = torch.topk(-effects, k)
 
+    def text_of(i: int) -> str:
+        text = tokenizer.decode([i], skip_special_tokens=False)
+        # a byte of a multi-byte character decodes to U+FFFD alone; its raw token says more
+        return str(tokenizer.convert_ids_to_tokens(i)) if "\ufffd" in text else text
+
     def named(ids: torch.Tensor, values: torch.Tensor) -> list[tuple[str, float]]:
-        return [(tokenizer.decode([int(i)], skip_special_tokens=False), float(v))
-                for i, v in zip(ids.tolist(), values.tolist())]
+        return [(text_of(int(i)), float(v)) for i, v in zip(ids.tolist(), values.tolist())]
 
     return LogitEffects(latent=latent, promoted=named(up.indices, up.values),
                         suppressed=named(down.indices, -down.values))
@@ -305,8 +314,8 @@ def format_contexts(contexts: Sequence[Context], *, color: bool = True,
 
 
 def format_logit_effects(effects: LogitEffects) -> str:
-    rows = ["promotes:   " + "  ".join(f"{_visible(t)!r} {v:+.2f}" for t, v in effects.promoted),
-            "suppresses: " + "  ".join(f"{_visible(t)!r} {v:+.2f}" for t, v in effects.suppressed)]
+    rows = ["promotes:   " + "  ".join(f"'{_visible(t)}' {v:+.2f}" for t, v in effects.promoted),
+            "suppresses: " + "  ".join(f"'{_visible(t)}' {v:+.2f}" for t, v in effects.suppressed)]
     return "\n".join(rows) + "\n"
 
 
@@ -329,15 +338,15 @@ section { background:var(--card); border:1px solid var(--line); border-radius:10
           margin-bottom:20px; }
 h2 { margin:0 0 10px; font-size:13px; text-transform:uppercase; letter-spacing:.06em; color:var(--muted); }
 .note { color:var(--muted); font-size:12px; margin:6px 0 0; }
-table.logits { width:100%; border-collapse:collapse; font-size:13px; }
+table.logits { width:100%; border-collapse:collapse; font-size:13px; table-layout:fixed; margin-bottom:10px; }
 table.logits td { padding:2px 4px; vertical-align:middle; }
-table.logits td.v { text-align:right; font-variant-numeric:tabular-nums; width:56px; }
-table.logits td.bar { width:90px; } .bar div { height:10px; border-radius:2px; }
+table.logits td.tok { width:46%; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; }
+table.logits td.v { text-align:right; font-variant-numeric:tabular-nums; width:52px; }
+.bar div { height:10px; border-radius:2px; }
 .up .bar div { background:var(--up); opacity:.75; } .down .bar div { background:var(--down); opacity:.75; }
 .chip { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; white-space:pre;
         background:#f2f4f7; border:1px solid var(--line); border-radius:4px; padding:0 4px; }
-.split { display:grid; grid-template-columns:1fr 1fr; gap:12px; }
-.split h3 { margin:0 0 4px; font-size:12px; } .split .up h3 { color:var(--up); } .split .down h3 { color:var(--down); }
+h3 { margin:0 0 4px; font-size:12px; } .up h3 { color:var(--up); } .down h3 { color:var(--down); }
 svg text { font:11px sans-serif; fill:var(--muted); }
 .ex { display:flex; gap:12px; padding:9px 0; border-top:1px solid var(--line); }
 .ex:first-of-type { border-top:none; }
@@ -419,14 +428,15 @@ def _histogram_svg(h: Histogram, width: int = 306, height: int = 150) -> str:
 def _logits_html(effects: LogitEffects) -> str:
     scale = max([abs(v) for _, v in effects.promoted + effects.suppressed] + [1e-9])
 
-    def table(rows: list[tuple[str, float]], cls: str) -> str:
-        body = "".join(f'<tr><td><span class="chip">{_esc(_visible(t))}</span></td>'
-                       f'<td class="bar"><div style="width:{90 * abs(v) / scale:.0f}px"></div></td>'
+    def table(rows: list[tuple[str, float]]) -> str:
+        body = "".join(f'<tr><td class="tok" title="{_esc(repr(t))}"><span class="chip">'
+                       f'{_esc(_visible(t))}</span></td>'
+                       f'<td class="bar"><div style="width:{100 * abs(v) / scale:.0f}%"></div></td>'
                        f'<td class="v">{v:+.2f}</td></tr>' for t, v in rows)
         return f'<table class="logits">{body}</table>'
 
-    return (f'<div class="split"><div class="up"><h3>Promoted</h3>{table(effects.promoted, "up")}</div>'
-            f'<div class="down"><h3>Suppressed</h3>{table(effects.suppressed, "down")}</div></div>')
+    return (f'<div class="up"><h3>Promoted</h3>{table(effects.promoted)}</div>'
+            f'<div class="down"><h3>Suppressed</h3>{table(effects.suppressed)}</div>')
 
 
 def render_html(latent: int, contexts: Sequence[Context], histogram: Histogram | None,

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 from torch import nn
 
@@ -29,8 +28,6 @@ from monitor.capture import HookPoint
 from monitor.discover import LabeledText, _as_items, iter_token_activations, pooled_activations
 from monitor.errors import CatalogError, DataError
 from monitor.stats import auroc
-
-log = structlog.get_logger("sae_monitor")
 
 
 @dataclass(frozen=True)
@@ -165,8 +162,6 @@ def fit_probe(model: nn.Module, tokenizer: Any, items: Sequence[LabeledText], po
             scores = probe_scores(model, tokenizer, test, point, weight, bias, ctx=ctx,
                                   batch_size=batch_size)
             evidence["auroc_heldout"] = round(float(auroc(scores, test_labels)), 4)
-    log.info("probe_fit", hook=point.name, n_train=len(train), n_tokens=len(x),
-             auroc_heldout=evidence.get("auroc_heldout"))
     return Probe(weight=weight, bias=bias, point=point, evidence=evidence)
 
 

@@ -189,9 +189,7 @@ class ChatService:
             message = report.blocks[0].message
             return _Completion(message, "content_filter", prompt_len, self._count(message), report)
         assert out is not None
-        new = out[0, prompt_len:].tolist()
-        while new and new[-1] == self.pad_id and self.pad_id not in self.eos_ids:
-            new.pop()
+        new = out[0, prompt_len:].tolist()  # one row: never padded
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         stopped = bool(new) and new[-1] in self.eos_ids
         finish = "length" if len(new) >= gen["max_new_tokens"] and not stopped else "stop"
@@ -378,10 +376,9 @@ async def _sse(service: ChatService, ids: torch.Tensor, gen: dict[str, Any], mes
                       "length" if response_tokens >= gen["max_new_tokens"] else "stop")
             yield chunk({}, finish)
             if include_usage:
-                body = json.loads(chunk({}).decode()[len("data: "):])
-                body["choices"] = []
-                body["usage"] = _usage(ids.shape[1], service._count("".join(pieces)))
-                yield _event(body)
+                yield _event({"id": completion_id, "object": "chat.completion.chunk",
+                              "created": created, "model": model_name, "choices": [],
+                              "usage": _usage(ids.shape[1], service._count("".join(pieces)))})
             if report is not None:
                 service.logger.request_completed(report, prompt=messages, response="".join(pieces),
                                                  completion_id=completion_id)
@@ -532,3 +529,50 @@ def run(host: str = "127.0.0.1", port: int = 8000, *, monitor: Monitor,
     finally:
         if previous is not None:
             signal.signal(signal.SIGHUP, previous)
+
+
+def serve_model(model: str = "default", *, sae: str = "default",
+                policies: str | list[str] | None = None, catalog: str | None = None,
+                host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+                audit_log: str | None = None, json_logs: bool = True, log_text: bool = False,
+                log_level: str = "info", watch_interval: float | None = None,
+                on_error: Literal["open", "closed", "auto"] = "auto", self_test: bool = True,
+                **app_options: Any) -> None:
+    """Load a model, SAE, catalog and policies, then :func:`run` (what ``sae-monitor serve``
+    does). ``model``/``sae``: ``"default"`` or a local directory; ``policies``: files or
+    directories (default: the shipped ones); ``audit_log``: JSONL path for
+    :class:`~monitor.audit.AuditTrail`; ``json_logs``: configure structlog JSON lines on
+    stdout; ``watch_interval``: also reload when policy files change (seconds)."""
+    from pathlib import Path
+
+    from monitor.audit import AuditTrail
+    from monitor.logs import configure_json_logging
+    from monitor.wrapper import from_default, wrap
+
+    if json_logs:
+        configure_json_logging(level=log_level, log_text=log_text)
+    trail = AuditTrail(audit_log) if audit_log else None
+    options: dict[str, Any] = dict(sae=sae, policies=policies, catalog=catalog, on_error=on_error,
+                                   self_test=self_test, callbacks=[trail] if trail else [])
+    if model == "default":
+        monitor = from_default(**options)
+    else:
+        from monitor.models import load_model
+
+        loaded, tokenizer = load_model(model)
+        monitor = wrap(loaded, tokenizer, **options)  # type: ignore[assignment]
+    store = policy_store(monitor)
+    if watch_interval and store is not None:
+        store.watch(watch_interval)
+    name = model_name or ("sae-monitor-default" if model == "default" else Path(model).name)
+    _log.info("serve_starting", host=host, port=port, model=name,
+              policy_version=monitor.policy.version_id, audit_log=audit_log)
+    try:
+        run(host, port, monitor=monitor, model_name=name, log_level=log_level,
+            report_logger=ReportLogger(log_text=log_text), **app_options)
+    finally:
+        if store is not None:
+            store.stop()
+        monitor.close()
+        if trail is not None:
+            trail.close()

@@ -90,6 +90,19 @@ class Report:
     tokens_monitored: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "response": 0})
     monitor_seconds: float = 0.0
     total_seconds: float = 0.0
+    features: tuple[str, ...] = ()
+    peaks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def peak(self, feature: str, scope: str = "response", row: int = 0) -> float:
+        """Highest activation of a watched feature over the monitored tokens of ``scope``
+        (catalog name or ``latent:N``); 0.0 if no token of that scope was monitored."""
+        if scope not in self.peaks:
+            return 0.0
+        return max(0.0, float(self.peaks[scope][row, self.features.index(feature)]))
+
+    def peak_table(self, scope: str = "response", row: int = 0) -> dict[str, float]:
+        """Every watched feature's peak in ``scope`` (see :meth:`peak`)."""
+        return {name: self.peak(name, scope, row) for name in self.features}
 
     @property
     def outcome(self) -> Outcome:
@@ -118,7 +131,8 @@ class _Request:
         self.state = policy.new_state(batch)
         self.encoder = monitor._encoder_for(policy)
         self.report = Report(request_id=uuid.uuid4().hex, policy_version=policy.version_id,
-                             row_outcomes=["allowed"] * batch)
+                             row_outcomes=["allowed"] * batch,
+                             features=tuple(f.label for f in policy.features))
         self.batch = batch
         self.positions_done = 0
         self.prefill_done = False
@@ -201,6 +215,9 @@ class _Request:
         mask = self._mask(ids[:, lo:hi] if ids is not None else None, start + lo, hi - lo)
         mask &= self.monitor.sae.input_mask(part)  # massive-activation positions carry no content
         self.report.tokens_monitored[scope] += int(mask.sum())
+        peak = feats.float().masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
+        previous = self.report.peaks.get(scope)
+        self.report.peaks[scope] = peak if previous is None else torch.maximum(previous, peak)
         result = self.policy.step(self.state, feats, mask, scope)  # type: ignore[arg-type]
         if result.hits:
             self.report.hits.extend(result.hits)
@@ -302,6 +319,11 @@ class Monitor:
     def policy(self) -> CompiledPolicy:
         """The active compiled policy (swapped atomically by reloads)."""
         return self._store.current if self._store is not None else self._fixed  # type: ignore[return-value]
+
+    @property
+    def policy_store(self) -> PolicyStore | None:
+        """The store behind :attr:`policy` when the monitor was built from files, else None."""
+        return self._store
 
     def reload_policies(self):
         """Reload policy files; an invalid version is rejected and the last good one stays."""

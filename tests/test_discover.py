@@ -243,6 +243,9 @@ def test_load_discovery_items(tmp_path):
         load_discovery_items(data=[data], category="nope")
     pos = _write(tmp_path / "p.jsonl", [{"text": "a Z"}, {"text": "b Z"}, {"text": "c Z"}])
     neg = _write(tmp_path / "n.jsonl", [{"text": "a", "label": 1}, {"text": "b"}])
+    paired = load_discovery_items(data=[data], category="demo", per_label=2, seed=1)
+    assert sorted(i.label for i in paired) == [0, 0, 1, 1]
+    assert len({i.meta["pair_id"] for i in paired}) == 2          # whole pairs were drawn
     items = load_discovery_items(positive=[pos], negative=[neg], per_label=2)
     assert sorted(i.label for i in items) == [0, 0, 1, 1]
     with pytest.raises(DataError, match="both labels"):

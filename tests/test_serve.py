@@ -358,3 +358,95 @@ def test_create_app_refuses_a_tokenizer_without_chat_template(tmp_path):
     with pytest.raises(MonitorError, match="chat template"):
         create_app(monitor)
     monitor.close()
+
+
+def test_serve_model_process_logs_audits_reloads_on_sighup_and_stops_on_sigterm(tmp_path):
+    """What ``sae-monitor serve`` runs, as its own process: model, SAE, catalog and policies
+    from disk, JSON logs on stdout, an audit file, SIGHUP reloads, SIGTERM stops cleanly."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    model_dir, sae_dir, policy_dir = tmp_path / "model", tmp_path / "sae", tmp_path / "policies"
+    tiny_model("llama").save_pretrained(model_dir)
+    chat_tokenizer().save_pretrained(model_dir)
+    make_sae().save(sae_dir)
+    policy_dir.mkdir()
+    (policy_dir / "p.yaml").write_text(policies_yaml(LONG_PROMPT_BLOCK))
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump(CATALOG.model_dump(mode="json")))
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (f"from monitor.serve import serve_model\n"
+            f"serve_model({str(model_dir)!r}, sae={str(sae_dir)!r}, policies=[{str(policy_dir)!r}], "
+            f"catalog={str(catalog)!r}, port={port}, audit_log={str(tmp_path / 'audit.jsonl')!r}, "
+            f"self_test=False, log_level='info')\n")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            assert process.poll() is None, process.communicate()[1]
+            try:
+                return http("GET", url + "/healthz")[0] == 200
+            except OSError:
+                return False
+
+        assert wait_for(up, timeout=120, interval=0.2)
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": CANARY + LONG[:60]}],
+                           "max_tokens": 4}).encode()
+        status, payload = http("POST", url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        assert status == 200 and payload["choices"][0]["finish_reason"] == "content_filter"
+        assert payload["model"] == "model"
+        (policy_dir / "p.yaml").write_text(policies_yaml(LONG_PROMPT_BLOCK, EVERYWHERE_SHADOW))
+        process.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: 'sae_monitor_policy_reloads_total{result="success"} 1.0'
+                        in http("GET", url + "/metrics")[1], timeout=30)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+    # uvicorn shuts down gracefully, then re-raises the signal (exit status of SIGTERM).
+    assert process.returncode in (0, -signal.SIGTERM), stderr
+    assert "Application shutdown complete" in stderr
+    events = [json.loads(line) for line in stdout.splitlines()]
+    names = [e["event"] for e in events]
+    for name in ("serve_starting", "rule_hit", "request_blocked", "request_completed",
+                 "policy_reload_succeeded"):
+        assert name in names
+    assert CANARY not in stdout
+    (audit,) = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert audit["rule"] == "long_prompt.block" and audit["action"] == "block"
+
+
+def test_a_monitor_that_fails_closed_answers_503(tmp_path, monkeypatch):
+    import openai
+    from openai import OpenAI
+
+    from monitor.serve import ServerThread, create_app
+
+    monitor = make_monitor(tmp_path, LONG_PROMPT_BLOCK, on_error="closed")
+
+    def broken(_policy):
+        def encode(_resid):
+            raise RuntimeError("SAE exploded")
+        return encode
+
+    monkeypatch.setattr(monitor, "_encoder_for", broken)
+    app = create_app(monitor)
+    with ServerThread(app) as server:
+        client = OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": SHORT}]
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(model="m", messages=messages, max_tokens=4)
+        assert err.value.status_code == 503 and err.value.code == "monitor_unavailable"
+        with pytest.raises(openai.APIError, match="unavailable"):
+            list(client.chat.completions.create(model="m", messages=messages, max_tokens=4, stream=True))
+    assert app.state.metrics.requests.labels(outcome="error")._value.get() == 2
+    monitor.close()

@@ -76,6 +76,9 @@ def test_quiet_policy_is_identical_to_unmonitored(setup, tmp_path):
     assert report.outcome == "allowed" and not report.hits
     assert report.tokens_monitored["response"] == plain.shape[1] - prompt.shape[1]
     assert report.tokens_monitored["prompt"] == prompt.shape[1] - 1  # first position excluded
+    trace = latent_trace(model, mon.sae, plain)
+    assert report.peak("latent:0") == pytest.approx(float(trace[prompt.shape[1]:].max()), abs=1e-4)
+    assert report.peak("latent:0", scope="prompt") == pytest.approx(float(trace[1:prompt.shape[1]].max()), abs=1e-4)
     dict_out = mon.generate(prompt, pad_token_id=tok.pad_token_id, return_dict_in_generate=True, **GEN)
     assert torch.equal(dict_out.sequences, plain)
     mon.close()

@@ -1,0 +1,319 @@
+"""Policy test cases: the *.tests.yaml format (errors at file:line:column) and the runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from monitor.capture import HookPoint
+from monitor.errors import PolicyError
+from monitor.policy import compile_policies
+from monitor.policy.cases import (Case, CaseFile, find_case_files, load_case_file,
+                                  load_case_files, run_cases)
+from monitor.policy.loader import SourceRef
+from monitor.sae import SAE, SAEConfig
+from monitor.wrapper import Monitor
+from tests.builders import tiny_model
+from tests.policy.helpers import write
+
+LAYER = 2
+D_SAE = 16
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# A ReLU latent is >= 0, so `above: -1.0` fires on every monitored token and `above: 1e9` never.
+POLICY = """\
+version: "1"
+rules:
+  - id: code.always_block
+    description: fires on every response token
+    severity: high
+    scope: response
+    when: {latent: 0, above: -1.0}
+    actions: [log, {block: {message: BLOCKED}}]
+  - id: code.never
+    description: never fires
+    severity: low
+    when: {latent: 3, above: 1e9}
+    actions: [log]
+  - id: code.shadow
+    description: reports every prompt token
+    severity: info
+    mode: shadow
+    scope: prompt
+    when: {latent: 1, above: -1.0}
+    actions: [log, {block: {message: never enforced}}]
+"""
+
+TESTS = """\
+cases:
+  - name: everything is blocked
+    text: "import os; os.system(cmd)"
+    expect:
+      triggers: [code.always_block]
+      not_triggers: [code.never]
+      outcome: blocked
+  - name: the quiet rule fires
+    prompt: "Write a shell script"
+    response: "echo hi"
+    expect:
+      triggers: [code.never, code.shadow]
+      outcome: allowed
+"""
+
+
+def make_sae() -> SAE:
+    g = torch.Generator().manual_seed(1)
+    sae = SAE(SAEConfig(architecture="relu", d_in=64, d_sae=D_SAE, hook_name=HookPoint(LAYER).name))
+    with torch.no_grad():
+        w = torch.randn(64, D_SAE, generator=g)
+        sae.W_enc.copy_(w / w.norm(dim=0))
+        sae.W_dec.copy_((w / w.norm(dim=0)).T)
+    return sae
+
+
+@pytest.fixture(scope="module")
+def model_and_sae():
+    return tiny_model("llama"), make_sae()
+
+
+@pytest.fixture
+def monitor_for(model_and_sae, tiny_tokenizer):
+    """A Monitor on the tiny model running the policy of a CaseFile; closed after the test."""
+    made: list[Monitor] = []
+
+    def build(case_file: CaseFile, tokenizer=None) -> Monitor:
+        model, sae = model_and_sae
+        policy = compile_policies(case_file.policy_set, None, d_sae=D_SAE)
+        mon = Monitor(model, tokenizer or tiny_tokenizer, sae=sae, policies=policy, self_test=False)
+        made.append(mon)
+        return mon
+
+    yield build
+    for mon in made:
+        mon.close()
+
+
+def problems(path: Path, **kwargs) -> list[str]:
+    with pytest.raises(PolicyError) as err:
+        load_case_file(path, **kwargs)
+    assert err.value.errors and all(e in str(err.value) for e in err.value.errors)
+    return err.value.errors
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def test_valid_file_loads_with_default_policy_and_case_positions(tmp_path):
+    policy = write(tmp_path, "code.yaml", POLICY)
+    tests = write(tmp_path, "code.tests.yaml", TESTS)
+    loaded = load_case_file(tests, d_sae=D_SAE)
+    assert loaded.policies == (policy,)
+    assert [r.id for r in loaded.policy_set.rules] == ["code.always_block", "code.never",
+                                                       "code.shadow"]
+    first, second = loaded.cases
+    assert first == Case(name="everything is blocked", source=SourceRef(str(tests), 2, 5),
+                         triggers=("code.always_block",), not_triggers=("code.never",),
+                         outcome="blocked", text="import os; os.system(cmd)")
+    assert (second.prompt, second.response, second.outcome) == ("Write a shell script", "echo hi",
+                                                                 "allowed")
+
+
+def test_policy_key_names_one_or_several_files(tmp_path):
+    write(tmp_path, "a.yaml", POLICY)
+    write(tmp_path, "b.yml", POLICY.replace("code.", "other."))
+    tests = write(tmp_path, "anything.tests.yml", "policy: [a.yaml, b.yml]\ncases:\n"
+                  "  - name: c\n    text: x\n    expect: {triggers: [other.never, code.never]}\n")
+    assert [p.name for p in load_case_file(tests).policies] == ["a.yaml", "b.yml"]
+    single = write(tmp_path, "s.tests.yaml", "policy: a.yaml\ncases:\n"
+                   "  - name: c\n    messages: [{role: user, content: hi}]\n"
+                   "    expect: {outcome: allowed}\n")
+    case = load_case_file(single).cases[0]
+    assert case.messages == ({"role": "user", "content": "hi"},)
+
+
+def test_every_problem_of_a_test_file_is_reported_at_its_line(tmp_path):
+    write(tmp_path, "code.yaml", POLICY)
+    tests = write(tmp_path, "code.tests.yaml", """\
+        cases:
+          - name: one
+            text: a
+            expect: {triggers: [code.always_blok], not_trigger: [code.never]}
+          - name: one
+            prompt: only a prompt
+            expect: {outcome: blokked}
+          - name: two
+            text: a
+            messages: [{role: user, content: hi}]
+            expect: {}
+          - name: three
+            text: a
+            expect: {triggers: [code.never], not_triggers: [code.never]}
+        """)
+    errs = problems(tests, d_sae=D_SAE)
+    where = f"{tests}:"
+    assert errs == [
+        f"{where}4:25: cases[0] (name: one).expect.triggers[0]: unknown rule id "
+        "'code.always_blok' (not defined in code.yaml); did you mean 'code.always_block'?",
+        f"{where}4:44: cases[0] (name: one).expect.not_trigger: unknown key 'not_trigger'; did "
+        "you mean 'not_triggers'? (valid keys: triggers, not_triggers, outcome)",
+        f"{where}5:5: cases[1] (name: one): 'prompt' needs a 'response' (or write the whole chat "
+        "as 'messages')",
+        f"{where}5:11: cases[1] (name: one).name: duplicate case name 'one' (first used at line "
+        "2); case names must be unique",
+        f"{where}7:24: cases[1] (name: one).expect.outcome: 'blokked' is not one of allowed, "
+        "blocked, steered; did you mean 'blocked'?",
+        f"{where}8:5: cases[2] (name: two): a case needs exactly one input: 'messages', 'text', "
+        "or 'response' (with an optional 'prompt'); got 'messages', 'text'",
+        f"{where}11:13: cases[2] (name: two).expect: expect needs at least one of 'triggers', "
+        "'not_triggers' or 'outcome'; a case that expects nothing tests nothing",
+        f"{where}14:13: cases[3] (name: three).expect: rule 'code.never' is listed in both "
+        "'triggers' and 'not_triggers'",
+    ]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("cases: [\n", ":2:1: YAML syntax error"),
+    ("", ":1:1: the file is empty; a test file needs 'cases'"),
+    ("- a\n- b\n", ":1:1: a test file must be a mapping"),
+    ("cases: []\n", ":1:8: cases: needs at least 1 item(s), got 0"),
+    ("policy: missing.yaml\ncases: []\n", ":1:9: policy: policy file 'missing.yaml' not found"),
+    ("policy: []\ncases: []\n", ":1:9: policy: 'policy' is an empty list"),
+    ("cases:\n  - name: a\n    text: x\n    expect: {outcome: allowed}\n    expected: 1\n",
+     ":5:5: cases[0] (name: a).expected: unknown key 'expected'; did you mean 'expect'?"),
+])
+def test_malformed_test_files(tmp_path, text, expected):
+    write(tmp_path, "p.yaml", POLICY)
+    tests = write(tmp_path, "p.tests.yaml", text)
+    assert any(e.startswith(str(tests)) and expected in e for e in problems(tests)), problems(tests)
+
+
+def test_a_test_file_without_its_policy_says_how_to_name_one(tmp_path):
+    tests = write(tmp_path, "lonely.tests.yaml", "cases:\n  - {name: a, text: x, expect: "
+                  "{outcome: allowed}}\n")
+    assert problems(tests) == [f"{tests}:1:1: no policy file 'lonely.yaml' beside this test "
+                               "file; name the policy under test with 'policy:'"]
+
+
+def test_errors_in_the_policy_under_test_point_into_the_policy(tmp_path):
+    policy = write(tmp_path, "p.yaml", POLICY.replace("above: 1e9", "abvoe: 1e9"))
+    tests = write(tmp_path, "p.tests.yaml", TESTS)
+    errs = problems(tests)
+    assert errs and all(e.startswith(f"{policy}:") for e in errs)
+    assert any("unknown key 'abvoe'; did you mean 'above'?" in e for e in errs)
+    out_of_range = write(tmp_path, "p.yaml", POLICY.replace("latent: 3", "latent: 99"))
+    assert any(e.startswith(f"{out_of_range}:12:20:") and "out of range" in e
+               for e in problems(tests, d_sae=D_SAE))
+
+
+def test_load_case_files_reports_all_files_together(tmp_path):
+    write(tmp_path, "a.yaml", POLICY)
+    write(tmp_path, "b.yaml", POLICY.replace("code.", "b."))
+    a = write(tmp_path, "a.tests.yaml", "cases: []\n")
+    b = write(tmp_path, "b.tests.yaml", "cases: 3\n")
+    with pytest.raises(PolicyError) as err:
+        load_case_files([a, b])
+    assert [e.split(":")[0] for e in err.value.errors] == [str(a), str(b)]
+
+
+def test_find_case_files(tmp_path):
+    write(tmp_path, "a.yaml", POLICY)
+    a_tests = write(tmp_path, "a.tests.yaml", TESTS)
+    b = write(tmp_path, "b.yaml", POLICY)
+    (tmp_path / "sub").mkdir()
+    found = find_case_files([tmp_path])
+    assert (found.case_files, found.untested, found.errors) == ((a_tests,), (b,), ())
+    assert find_case_files(tmp_path / "a.yaml").case_files == (a_tests,)
+    assert find_case_files([a_tests, tmp_path / "a.yaml"]).case_files == (a_tests,)
+    assert find_case_files(b).untested == (b,)
+    assert find_case_files(tmp_path / "nope.yaml").errors == (
+        f"{tmp_path / 'nope.yaml'}: no such policy file, test file or directory",)
+    assert "holds no policy or test files" in find_case_files(tmp_path / "sub").errors[0]
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def test_passing_and_failing_cases_on_a_tiny_model(tmp_path, monitor_for):
+    write(tmp_path, "code.yaml", POLICY)
+    loaded = load_case_file(write(tmp_path, "code.tests.yaml", TESTS), d_sae=D_SAE)
+    mon = monitor_for(loaded)
+    passing, failing = run_cases(mon, loaded.cases, policy_set=loaded.policy_set)
+
+    assert passing.passed and passing.failures == () and passing.outcome == "blocked"
+    assert set(passing.fired) == {"code.always_block"}
+    firing = passing.fired["code.always_block"]
+    assert firing.hits > 0 and firing.first_scope == "response" and firing.feature == "latent:0"
+
+    assert not failing.passed and failing.outcome == "blocked"
+    assert failing.fired["code.shadow"].first_scope == "prompt"
+    never, outcome = failing.failures
+    # The rule that did not fire is named, with the peak of its feature against the threshold.
+    assert never.startswith("expected rule 'code.never' to fire; it did not: latent:3 peaked at ")
+    assert never.endswith("(threshold above 1e+09)")
+    assert outcome.startswith("expected outcome allowed, got blocked (blocked by rule "
+                              "'code.always_block' at response token ")
+
+
+def test_a_rule_that_must_not_fire_reports_its_hits(tmp_path, monitor_for):
+    write(tmp_path, "code.yaml", POLICY)
+    loaded = load_case_file(write(tmp_path, "code.tests.yaml", """\
+        cases:
+          - name: should be quiet
+            text: hello world
+            expect: {not_triggers: [code.always_block]}
+        """))
+    (result,) = run_cases(monitor_for(loaded), loaded.cases, policy_set=loaded.policy_set)
+    (reason,) = result.failures
+    hits = result.fired["code.always_block"].hits
+    assert reason.startswith(f"rule 'code.always_block' fired but must not: {hits} hit(s), "
+                             "first at response token ")
+    assert "peak latent:0 = " in reason and reason.endswith("(threshold above -1)")
+
+
+def test_steered_outcome_and_chat_messages(tmp_path, monitor_for):
+    write(tmp_path, "s.yaml", """\
+        version: 1
+        rules:
+          - id: s.steer
+            description: steer everywhere
+            severity: low
+            scope: response
+            when: {latent: 0, above: -1.0}
+            actions: [{steer: {latent: 0, scale: 0.5}}]
+        """)
+    loaded = load_case_file(write(tmp_path, "s.tests.yaml", """\
+        cases:
+          - name: chat is steered
+            messages:
+              - {role: user, content: "hello"}
+              - {role: assistant, content: "hi there"}
+            expect: {triggers: [s.steer], outcome: steered}
+        """))
+    tok = _chat_tokenizer()
+    (result,) = run_cases(monitor_for(loaded, tok), loaded.cases, policy_set=loaded.policy_set)
+    assert result.passed, result.failures
+    # Without a chat template the case fails with a reason instead of raising.
+    (no_template,) = run_cases(monitor_for(loaded), loaded.cases)
+    assert not no_template.passed and no_template.outcome is None
+    assert no_template.failures[0].startswith("could not scan the case: ")
+
+
+def test_expected_rules_missing_from_the_monitor_policy_fail_the_case(tmp_path, monitor_for):
+    write(tmp_path, "code.yaml", POLICY)
+    loaded = load_case_file(write(tmp_path, "code.tests.yaml", TESTS))
+    case = Case(name="x", source=SourceRef("t.yaml", 1, 1), triggers=("gone",),
+                not_triggers=("also.gone",), text="hi")
+    (result,) = run_cases(monitor_for(loaded), [case])
+    assert result.failures == ("rule 'gone' is not in the policy under test",
+                               "rule 'also.gone' is not in the policy under test")
+
+
+def _chat_tokenizer():
+    from tests.builders import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
