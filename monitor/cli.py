@@ -82,6 +82,142 @@ def cmd_sae_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(label: str, quiet: bool):
+    if quiet:
+        return None
+
+    def report(done: int, total: int) -> None:
+        print(f"\r{label} {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _parse_names(pairs: list[str]) -> dict[int, str]:
+    names = {}
+    for pair in pairs:
+        latent, sep, name = pair.partition("=")
+        if not sep or not latent.strip().isdigit() or not name.strip():
+            raise MonitorError(f"--name {pair!r}: expected LATENT=NAME, e.g. 4711=unsafe_code.shell_injection")
+        names[int(latent)] = name.strip()
+    return names
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    import torch
+
+    from monitor import discover as disc
+    from monitor.catalog import load_catalog
+    from monitor.data import iter_texts
+    from monitor.explain import example_contexts
+    from monitor.metrics import sae_identity
+    from monitor.models import load_model
+    from monitor.sae import load_sae
+
+    names = _parse_names(args.name)
+    if (names or args.catalog_top or args.probe) and not args.out:
+        raise MonitorError("--name, --catalog-top and --probe write a catalog: give --out CATALOG.yaml")
+    if args.out and not (names or args.catalog_top or args.probe):
+        raise MonitorError("--out needs features to write: --name LATENT=NAME, --catalog-top N or --probe NAME")
+    quiet = args.json or args.quiet
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    sae = load_sae(args.sae)
+    sae_id = args.sae_id or (args.sae if args.sae == "default" else sae_identity(sae))
+    items = disc.load_discovery_items(tokenizer, data=args.data or (), category=args.category,
+                                      positive=args.positive or (), negative=args.negative or (),
+                                      per_label=args.per_label, seed=args.seed)
+    result = disc.discover(model, tokenizer, sae, items, top=args.top, direction=args.direction,
+                           ctx=args.ctx, batch_size=args.batch_size, progress=_progress("texts", quiet))
+    report: dict = {"sae": sae_id, **result.to_dict()}
+    if not args.json:
+        print(result.table("markdown" if args.markdown else "terminal"))
+    if args.fit_on:
+        moved = disc.transfer(result, args.fit_on, key=args.transfer_key, top=args.top)
+        report["transfer"] = moved.to_dict()
+        if not args.json:
+            print(f"Transfer: latents picked on {args.transfer_key}={args.fit_on}, AUROC elsewhere\n")
+            print(moved.table())
+    if args.out:
+        out = Path(args.out)
+        existing = load_catalog(out, sae_id=sae_id, d_sae=sae.cfg.d_sae) if out.exists() else None
+        if args.catalog_top:
+            auto = disc.to_catalog_entries(result, args.catalog_top, sae_id)
+            names = {**{e.latent: e.name for e in auto}, **names}
+        corpus = list(iter_texts(args.max_corpus, tokenizer)) if args.max_corpus else [i.text for i in items]
+        peaks = disc.max_activations(model, tokenizer, sae, corpus, list(names), ctx=args.ctx,
+                                     batch_size=args.batch_size, progress=_progress("max activation", quiet))
+        examples = example_contexts(model, tokenizer, sae, result, list(names), ctx=args.ctx)
+        entries = disc.to_catalog_entries(result, names, sae_id, peaks, examples=examples) if names else []
+        if args.probe:
+            from monitor.probes import fit_probe, probe_entry, probe_scores, save_probe
+
+            probe = fit_probe(model, tokenizer, items, result.point, l2=args.probe_l2, ctx=args.ctx,
+                              batch_size=args.batch_size, seed=args.seed,
+                              progress=_progress("probe", quiet))
+            key = args.probe.replace(".", "_")
+            save_probe(out.parent / f"{out.stem}.probes.safetensors", key, probe.weight, probe.bias)
+            peak = float(probe_scores(model, tokenizer, corpus, result.point, probe.weight, probe.bias,
+                                      ctx=args.ctx, batch_size=args.batch_size).max())
+            entries.append(probe_entry(args.probe, key, probe, max_activation=peak))
+            report["probe"] = {"name": args.probe, **probe.evidence}
+            if not args.json:
+                print(f"probe {args.probe}: held-out AUROC {probe.evidence.get('auroc_heldout', 'n/a')} "
+                      f"({probe.evidence['n_heldout']} texts)")
+        catalog = disc.merge_into_catalog(entries, sae_id, result.point.layer, existing)
+        catalog.save(out)
+        report["catalog"] = {"path": str(out), "written": [e.name for e in entries]}
+        if not args.json:
+            print(f"wrote {len(entries)} feature(s) to {out}: {', '.join(e.name for e in entries)}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from monitor.catalog import load_catalog
+    from monitor.data import iter_texts
+    from monitor.explain import format_contexts, format_logit_effects, logit_effects, render_html, scan_latents
+    from monitor.models import load_model
+    from monitor.sae import load_sae
+
+    import torch
+
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    sae = load_sae(args.sae)
+    name, description = None, None
+    if args.latent.isdigit():
+        latent = int(args.latent)
+    else:
+        if not args.catalog:
+            raise MonitorError(f"{args.latent!r} is not a latent index; give --catalog to look up feature names")
+        entry = load_catalog(args.catalog, d_sae=sae.cfg.d_sae).get(args.latent)
+        if entry.latent is None:
+            raise MonitorError(f"feature '{args.latent}' is a probe; explain shows SAE latents")
+        latent, name, description = entry.latent, entry.name, entry.description or None
+    effects = logit_effects(model, tokenizer, sae, latent, k=args.k)
+    contexts, histogram, texts = [], None, None
+    if args.texts:
+        texts = list(iter_texts(args.texts, tokenizer))
+        if args.limit:
+            texts = texts[:args.limit]
+        scan = scan_latents(model, tokenizer, sae, [latent], texts, n=args.n, window=args.window,
+                            ctx=args.ctx, batch_size=args.batch_size,
+                            progress=_progress("texts", not sys.stderr.isatty()))[latent]
+        contexts, histogram = scan.contexts, scan.histogram
+    color = not args.no_color and sys.stdout.isatty()
+    title = f"latent {latent}" + (f" ({name})" if name else "")
+    if texts is not None:
+        print(format_contexts(contexts, color=color, title=f"{title}: top {len(contexts)} of {len(texts)} texts, "
+                              f"fires on {histogram.density:.2%} of tokens"))
+    else:
+        print(f"{title}: no --texts given, showing logit effects only")
+    print(format_logit_effects(effects))
+    if args.html:
+        path = render_html(latent, contexts, histogram, effects, args.html, name=name,
+                           description=description, texts=texts)
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from monitor.serve import serve_model
 
@@ -129,6 +265,54 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N texts")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_sae_eval)
+    disc = sub.add_parser("discover", help="rank SAE latents (and fit a probe) that separate labeled texts; write a catalog")
+    src = disc.add_argument_group("data (give --data, or --positive and --negative)")
+    src.add_argument("--data", nargs="+", help="labeled JSONL files (text|messages|prompt+response, label 0/1)")
+    src.add_argument("--category", help="keep only rows of this category")
+    src.add_argument("--positive", nargs="+", help="JSONL files whose rows all count as label 1")
+    src.add_argument("--negative", nargs="+", help="JSONL files whose rows all count as label 0")
+    src.add_argument("--per-label", type=int, default=None, help="sample at most N texts per label (pairs kept together)")
+    disc.add_argument("--model", default="default")
+    disc.add_argument("--sae", default="default")
+    disc.add_argument("--sae-id", default=None, help="id written to the catalog's 'sae' (default: 'default' or the SAE's own id)")
+    disc.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="model precision (bfloat16 is faster on CPU)")
+    disc.add_argument("--top", type=int, default=20, help="latents to show")
+    disc.add_argument("--direction", choices=["positive", "negative", "both"], default="positive",
+                      help="rank latents firing more on label 1, on label 0, or either")
+    disc.add_argument("--fit-on", default=None, metavar="GROUP", help="also pick latents on this group only and report their AUROC on the others")
+    disc.add_argument("--transfer-key", default="source", help="what defines a group: source, category, language, cwe, subtype")
+    disc.add_argument("--out", default=None, help="catalog YAML to write (merged into it if it exists)")
+    disc.add_argument("--name", action="append", default=[], metavar="LATENT=NAME", help="name a latent in the catalog (repeatable)")
+    disc.add_argument("--catalog-top", type=int, default=0, metavar="N", help="add the N best latents under provisional names")
+    disc.add_argument("--max-corpus", nargs="+", default=None, help="texts over which max_activation is measured (default: the discovery texts)")
+    disc.add_argument("--probe", default=None, metavar="NAME", help="also fit a linear probe and add it to the catalog as feature NAME")
+    disc.add_argument("--probe-l2", type=float, default=1e-3)
+    disc.add_argument("--ctx", type=int, default=256)
+    disc.add_argument("--batch-size", type=int, default=8)
+    disc.add_argument("--seed", type=int, default=0)
+    disc.add_argument("--markdown", action="store_true", help="print tables as Markdown")
+    disc.add_argument("--json", action="store_true")
+    disc.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    disc.set_defaults(func=cmd_discover)
+
+    exp = sub.add_parser("explain", help="top-activating contexts, activation histogram and logit effects of one latent")
+    exp.add_argument("latent", metavar="LATENT", help="latent index, or a feature name with --catalog")
+    exp.add_argument("--texts", nargs="+", default=None, help="JSONL/text files or directories to scan")
+    exp.add_argument("--html", default=None, metavar="OUT.html", help="also write a self-contained dashboard page")
+    exp.add_argument("--catalog", default=None, help="catalog to resolve a feature name")
+    exp.add_argument("--model", default="default")
+    exp.add_argument("--sae", default="default")
+    exp.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    exp.add_argument("-n", type=int, default=10, help="contexts to show")
+    exp.add_argument("--window", type=int, default=12, help="tokens either side of the peak")
+    exp.add_argument("-k", type=int, default=10, help="promoted/suppressed tokens to show")
+    exp.add_argument("--limit", type=int, default=0, help="scan only the first N texts")
+    exp.add_argument("--ctx", type=int, default=256)
+    exp.add_argument("--batch-size", type=int, default=8)
+    exp.add_argument("--no-color", action="store_true")
+    exp.set_defaults(func=cmd_explain)
+
+
     serve = sub.add_parser("serve", help="OpenAI-compatible chat API under policy, with /metrics, /healthz and /admin/reload (SIGHUP reloads too)")
     serve.add_argument("--model", default="default", help="'default' or a Hugging Face model directory")
     serve.add_argument("--sae", default="default", help="'default' or an SAE directory")

@@ -243,7 +243,7 @@ def _fail(err: TextIO, lines: Sequence[str], *, status: int) -> int:
 # ============================================================================ test
 
 
-def run_policy_tests(paths: Sequence[str | Path], *, model: str = "default",
+def run_policy_tests(paths: Sequence[str | Path], *, model: str | Path = "default",
                      sae: str | Path = "default", catalog: str | Path | None = None,
                      verbose: bool = False, out: TextIO | None = None, err: TextIO | None = None,
                      **monitor_options: Any) -> int:
@@ -281,14 +281,14 @@ def run_policy_tests(paths: Sequence[str | Path], *, model: str = "default",
     return 1 if failed else 0
 
 
-def _run_files(case_files: Sequence[CaseFile], model_name: str, sae_name: str | Path,
+def _run_files(case_files: Sequence[CaseFile], model_name: str | Path, sae_name: str | Path,
                catalog: Catalog | None, d_sae: int, verbose: bool, out: TextIO,
                options: dict[str, Any]) -> list[CaseResult]:
     from monitor.models import load_model
     from monitor.sae import load_sae
     from monitor.wrapper import Monitor
 
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(str(model_name))
     sae = load_sae(sae_name)
     self_test = options.pop("self_test", True)
     results: list[CaseResult] = []

@@ -163,7 +163,7 @@ def test_every_problem_of_a_test_file_is_reported_at_its_line(tmp_path):
         "as 'messages')",
         f"{where}5:11: cases[1] (name: one).name: duplicate case name 'one' (first used at line "
         "2); case names must be unique",
-        f"{where}7:24: cases[1] (name: one).expect.outcome: 'blokked' is not one of allowed, "
+        f"{where}7:23: cases[1] (name: one).expect.outcome: 'blokked' is not one of allowed, "
         "blocked, steered; did you mean 'blocked'?",
         f"{where}8:5: cases[2] (name: two): a case needs exactly one input: 'messages', 'text', "
         "or 'response' (with an optional 'prompt'); got 'messages', 'text'",
