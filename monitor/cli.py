@@ -331,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-concurrent", type=int, default=1, help="generations running at once (default 1)")
     serve.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request sets none")
     serve.set_defaults(func=cmd_serve)
+
+    from monitor.policy.cli import add_parser as add_policy_parser
+
+    add_policy_parser(sub)
     return parser
 
 

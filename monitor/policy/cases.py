@@ -369,9 +369,12 @@ def _policy_paths(path: Path, src: YamlSource) -> tuple[list[Path], list[str]]:
     if isinstance(raw, list) and not raw:
         return [], [located(src, ("policy",), "'policy' is an empty list; name at least one "
                                               "policy file or remove the key")]
-    names: list[tuple[Any, tuple]] = ([(raw, ("policy",))] if isinstance(raw, str) else
-                                      [(n, ("policy", i)) for i, n in enumerate(raw)]
-                                      if isinstance(raw, list) else [])
+    if isinstance(raw, str):
+        names: list[tuple[Any, tuple]] = [(raw, ("policy",))]
+    elif isinstance(raw, list):
+        names = [(n, ("policy", i)) for i, n in enumerate(raw)]
+    else:
+        names = []  # a wrong type is reported by validation
     out: list[Path] = []
     errors: list[str] = []
     for name, loc in names:

@@ -20,8 +20,9 @@ from tests.policy.helpers import write
 
 LAYER = 2
 D_SAE = 16
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 # A ReLU latent is >= 0, so `above: -1.0` fires on every monitored token and `above: 1e9` never.
 POLICY = """\

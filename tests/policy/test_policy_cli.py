@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +21,7 @@ rules:
     severity: high
     scope: response
     when: {feature: unsafe_code.shell_injection, above: 4.0}
-    actions: [log, metric, {block: {message: no}}]
+    actions: [log, metric, {block: {message: nope}}]
 """
 
 
@@ -122,14 +121,15 @@ def test_check_reports_test_file_errors_and_bad_inputs_without_traceback(tmp_pat
     tests = write(tmp_path, "code.tests.yaml", "cases:\n  - name: a\n    text: x\n"
                   "    expect: {triggers: [code.nevr]}\n")
     status, _, err = check([tmp_path], sae="none")
-    assert status == 1 and err.startswith(f"{tests}:4:23: ") and "did you mean 'code.never'" in err
+    assert status == 1 and err.startswith(f"{tests}:4:25: ") and "did you mean 'code.never'" in err
     status, _, err = check([tests], sae="none")  # a test file given directly
-    assert status == 1 and err.startswith(f"{tests}:4:23: ")
+    assert status == 1 and err.startswith(f"{tests}:4:25: ")
     status, _, err = check([tmp_path / "code.yaml"], sae=tmp_path / "no-sae")
     assert status == 1 and "no-sae" in err and "Traceback" not in err
     status, _, err = check([tmp_path / "missing.yaml"], sae="none")
-    assert status == 1 and err.strip() == f"{tmp_path / 'missing.yaml'}: no such policy file or directory"
-    write(tmp_path, "cat.yaml", "sae: s\nlayer: 1\nfeatures:\n  - {name: a.b, latent: 99}\n")
+    missing = tmp_path / "missing.yaml"
+    assert status == 1 and err.strip() == f"{missing}: no such policy file or directory"
+    write(tmp_path, "cat.yaml", "sae: s\nlayer: 1\nfeatures:\n  - {name: a.b, latnt: 3}\n")
     status, _, err = check([tmp_path / "code.yaml"], sae="none", catalog=tmp_path / "cat.yaml")
     assert status == 1 and err.startswith(f"{tmp_path / 'cat.yaml'}:4:")
 
@@ -167,8 +167,10 @@ def test_policy_test_rejects_bad_files_before_loading_any_model(tmp_path, saved)
                   "    expect: {outcome: allowed}\n")
     status, out, err = run_tests([tmp_path], model=tmp_path / "no-model", sae=saved / "sae")
     assert status == 2 and out == ""
-    assert err.startswith(f"{tests}:3:5: cases[0] (name: a).txt: unknown key 'txt'; did you "
-                          "mean 'text'?")
+    lines = err.splitlines()
+    assert lines[0].startswith(f"{tests}:2:5: cases[0] (name: a): a case needs exactly one input")
+    assert lines[1].startswith(f"{tests}:3:5: cases[0] (name: a).txt: unknown key 'txt'; did "
+                               "you mean 'text'?")
     assert "no-model" not in err and "Traceback" not in err
 
 
