@@ -2,7 +2,7 @@
 """What does monitoring cost? Generation with and without the monitor, in one process.
 
     python benchmarks/overhead.py                        # default model, shipped SAE and policies
-    python benchmarks/overhead.py --sae PATH --policies DIR [--catalog FILE]
+    python benchmarks/overhead.py --sae PATH --policies DIR [--catalog FILE] [--model DIR]
     python benchmarks/overhead.py --tiny                 # tiny random model and SAE: a smoke run
     python benchmarks/overhead.py --json results.json    # also write every figure as JSON
 
@@ -118,16 +118,17 @@ def load_setup(args: argparse.Namespace) -> Setup:
             shipped = _compile(args.policies, None, sae, notes)
     else:
         from monitor.catalog import load_catalog
-        from monitor.models import DEFAULT_MODEL_NAME, load_default_model
+        from monitor.models import DEFAULT_MODEL_NAME, load_model
         from monitor.sae import load_sae
         from monitor.wrapper import REPO_POLICIES, SHIPPED_CATALOG
 
-        model, tokenizer = load_default_model()
+        model, tokenizer = load_model(args.model)
         sae = load_sae(args.sae)
         catalog_path = args.catalog or (SHIPPED_CATALOG if args.sae == "default" and SHIPPED_CATALOG.is_file() else None)
         catalog = load_catalog(catalog_path, d_sae=sae.cfg.d_sae) if catalog_path else None
         shipped = _compile(args.policies or REPO_POLICIES, catalog, sae, notes)
-        name = f"{DEFAULT_MODEL_NAME}, SAE {args.sae} ({sae.cfg.architecture}, d_sae {sae.cfg.d_sae})"
+        model_name = DEFAULT_MODEL_NAME if args.model == "default" else args.model
+        name = f"{model_name}, SAE {args.sae} ({sae.cfg.architecture}, d_sae {sae.cfg.d_sae})"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -147,7 +148,7 @@ def _compile(policies: str | Path, catalog: Any, sae: Any, notes: list[str]):
     try:
         return compile_policies(load_policies(policies), catalog, d_sae=sae.cfg.d_sae)
     except MonitorError as exc:
-        notes.append(f"shipped policies skipped ({policies}): {str(exc).splitlines()[0]}")
+        notes.append(f"shipped policies skipped ({policies}): {' '.join(str(exc).split())[:400]}")
         return None
 
 
@@ -378,6 +379,7 @@ def markdown(result: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny random model and SAE (smoke run; figures meaningless)")
+    p.add_argument("--model", default="default", help="'default' (the embedded model) or a Hugging Face model directory")
     p.add_argument("--sae", default="default", help="SAE name or directory (default: the shipped SAE)")
     p.add_argument("--catalog", help="catalog file (default: the shipped SAE's catalog)")
     p.add_argument("--policies", help="policy directory or file (default: the shipped policies)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import tempfile
 import textwrap
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,11 +127,12 @@ def is_python(language: str | None) -> bool:
 
 def bandit_version() -> str | None:
     """The installed bandit's version, or None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        import bandit
-    except ImportError:
+        return version("bandit")
+    except PackageNotFoundError:
         return None
-    return str(getattr(bandit, "__version__", "unknown"))
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,9 @@ def bandit_findings(snippets: Sequence[str]) -> list[list[BanditFinding] | None]
     not parse it. Snippets are dedented first (functions cut from classes keep their indent);
     line numbers are those of the snippet as given.
     """
-    from bandit.core import config, manager
+    with warnings.catch_warnings():  # bandit's plugin loading warns about its own arguments
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from bandit.core import config, manager
 
     with tempfile.TemporaryDirectory(prefix="sae-monitor-bandit-") as tmp:
         paths = []
@@ -155,9 +159,11 @@ def bandit_findings(snippets: Sequence[str]) -> list[list[BanditFinding] | None]
             path = Path(tmp) / f"snippet_{i:06d}.py"
             path.write_text(textwrap.dedent(code), encoding="utf-8")
             paths.append(str(path))
-        mgr = manager.BanditManager(config.BanditConfig(), "file", quiet=True)
-        mgr.discover_files(paths, recursive=False)
-        mgr.run_tests()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            mgr = manager.BanditManager(config.BanditConfig(), "file", quiet=True)
+            mgr.discover_files(paths, recursive=False)
+            mgr.run_tests()
         skipped = {Path(name).name for name, _reason in mgr.skipped}
         found: dict[str, list[BanditFinding]] = {}
         for issue in mgr.get_issue_list():

@@ -218,6 +218,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from monitor.evaluate import run_eval
+
+    print(run_eval(args.data, policies=args.policies, train=args.train, limit=args.limit or None,
+                   sae=args.sae, model=args.model, catalog=args.catalog, as_json=args.json,
+                   items=args.items, progress=not args.no_progress), end="")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from monitor.serve import serve_model
 
@@ -312,6 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-color", action="store_true")
     exp.set_defaults(func=cmd_explain)
 
+
+    evl = sub.add_parser("eval", help="detection per category: AUROC, TPR at 1%% and 5%% FPR, precision/recall of decisions")
+    evl.add_argument("--data", required=True, help="labeled JSONL (text, prompt+response or messages; label; category)")
+    evl.add_argument("--policies", help="policy directory or file (default: the shipped policies)")
+    evl.add_argument("--train", help="labeled JSONL to fit the baselines on (residual probe; bandit on Python rows)")
+    evl.add_argument("--sae", default="default", help="SAE name or directory")
+    evl.add_argument("--catalog", help="feature catalog (default: the shipped SAE's)")
+    evl.add_argument("--model", default="default", help="'default' or a Hugging Face model directory")
+    evl.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows")
+    evl.add_argument("--json", action="store_true", help="JSON instead of a markdown table")
+    evl.add_argument("--items", action="store_true", help="with --json: include per-item scores and decisions")
+    evl.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    evl.set_defaults(func=cmd_eval)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible chat API under policy, with /metrics, /healthz and /admin/reload (SIGHUP reloads too)")
     serve.add_argument("--model", default="default", help="'default' or a Hugging Face model directory")

@@ -271,6 +271,8 @@ class Measures:
 @dataclass(frozen=True)
 class CategoryResult:
     category: str
+    items: int
+    positives: int
     rules: tuple[str, ...]
     measures: tuple[Measures, ...]
     notes: tuple[str, ...] = ()
@@ -462,7 +464,7 @@ def _category(category: str, idx: list[int], items: Sequence[EvalItem], results:
     if baseline is not None:
         measures.extend(baseline.measures(category, idx, items))
         notes.extend(baseline.category_notes.get(category, []))
-    return CategoryResult(category, names, tuple(measures), tuple(notes))
+    return CategoryResult(category, len(idx), int(labels.sum()), names, tuple(measures), tuple(notes))
 
 
 # ============================================================================ baselines
@@ -578,7 +580,8 @@ def render_markdown(result: EvalResult, *, title: str = "") -> str:
     notes = []
     for cat in result.categories:
         if not cat.measures:
-            lines.append(f"| {cat.category} | – | – | – | – | – | – | – | – | – |")
+            lines.append(f"| {cat.category} | (none) | {cat.items} ({cat.positives}/{cat.items - cat.positives}) "
+                         "| – | – | – | – | – | – | – |")
         for m in cat.measures:
             lines.append(f"| {cat.category} | {m.scorer} | {m.n} ({m.positives}/{m.negatives}) | {_fmt(m.auroc)} "
                          f"| {_fmt(m.tpr_at_1pct_fpr)} | {_fmt(m.tpr_at_5pct_fpr)} | {m.decision} | {m.flagged} "
@@ -593,7 +596,7 @@ def render_markdown(result: EvalResult, *, title: str = "") -> str:
 
 
 def render_json(result: EvalResult, *, items: bool = False) -> str:
-    return json.dumps(result.to_dict(items=items), indent=2)
+    return json.dumps(result.to_dict(items=items), indent=2) + "\n"
 
 
 # ============================================================================ CLI support
@@ -624,6 +627,9 @@ def run_eval(data: str | Path, *, policies: str | Path | None = None, train: str
              catalog: str | Path | None = None, as_json: bool = False, items: bool = False,
              progress: bool = True) -> str:
     """What ``sae-monitor eval`` prints: load, scan, measure, render."""
+    for path in (data, train):
+        if path is not None and not Path(path).is_file():
+            raise DataError(f"{path}: no such file")
     monitor, policy_set = monitor_for_eval(policies, sae=sae, model=model, catalog=catalog)
     try:
         test = load_eval_items(data, monitor.tokenizer, limit=limit)

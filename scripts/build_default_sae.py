@@ -184,7 +184,7 @@ def compare_layers(model, tokenizer):
     print(json.dumps(report, indent=2))
 
 
-FINAL_TOKENS = 2_100_000
+FINAL_TOKENS = 2_080_000
 SHIP = ROOT / "monitor" / "saes" / "default"
 
 

@@ -136,7 +136,15 @@ def test_policy_set_must_match_the_monitor(ranked, tmp_path, tiny_tokenizer):
         evaluate(mon, rows, policy_set=other_set, progress=False)
     with pytest.raises(MonitorError, match="policy_set="):
         evaluate(mon, rows, progress=False)
+    # Once compiled rules carry their condition (CompiledRule.when), no policy set is needed.
+    for compiled_rule in mon.policy.rules:
+        object.__setattr__(compiled_rule, "when", policy_set_of(tmp_path).rule(compiled_rule.id).when)
+    assert evaluate(mon, rows, progress=False).categories[0].rules == ("unsafe_code.a",)
     mon.close()
+
+
+def policy_set_of(tmp_path):
+    return load_policies(tmp_path / "p.yaml")
 
 
 def test_baselines_with_training_items(ranked, tmp_path, tiny_tokenizer):
@@ -239,12 +247,38 @@ def test_overhead_benchmark_tiny_smoke(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "overhead", overhead)  # dataclasses look their module up
     spec.loader.exec_module(overhead)
     out = tmp_path / "o.json"
-    result = overhead.main(["--tiny", "--repeats", "1", "--new-tokens", "2", "--latents", "10", "100",
+    result = overhead.main(["--tiny", "--repeats", "1", "--new-tokens", "2", "--latents", "20",
                             "--batch", "2", "--json", str(out)])
     printed = capsys.readouterr().out
-    assert "| unmonitored | – | – | 1 |" in printed and "| synthetic 100 latents | 100 | 10 | 2 |" in printed
+    assert "| unmonitored | – | – | 1 |" in printed and "| synthetic 20 latents | 20 | 2 | 2 |" in printed
     assert "judge" in printed
-    assert {r["configuration"] for r in result["rows"]} == {"unmonitored", "synthetic 10 latents",
-                                                           "synthetic 100 latents"}
+    assert {r["configuration"] for r in result["rows"]} == {"unmonitored", "synthetic 20 latents"}
     assert all(r["tokens_per_second"] > 0 for r in result["rows"])
     assert json.loads(out.read_text())["judge"][0]["ms_per_response"] > 0
+
+
+def test_run_eval_end_to_end_from_files(tmp_path, tiny_tokenizer):
+    """The path ``sae-monitor eval`` takes: model, SAE, policies and data from disk."""
+    from monitor.evaluate import run_eval
+
+    model_dir, sae_dir, policy_dir = tmp_path / "model", tmp_path / "sae", tmp_path / "policies"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    # relu([x, -x]) decoded by [I; -I] is x: an exact SAE, so the monitor's self-test passes.
+    sae = SAE(SAEConfig(architecture="relu", d_in=64, d_sae=128, hook_name=HookPoint(LAYER).name))
+    eye = torch.eye(64)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+    sae.save(sae_dir)
+    policy_dir.mkdir()
+    (policy_dir / "code.yaml").write_text("version: '1'\nrules:\n" + rule("unsafe_code.any", "{latent: 3, above: 0.0}"))
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "response": r, "label": i % 2, "category": "unsafe_code"})
+                              for i, (p, r) in enumerate(PAIRS)) + "\n")
+    out = json.loads(run_eval(data, policies=policy_dir, sae=sae_dir, model=str(model_dir), as_json=True,
+                              limit=4, progress=False))
+    (category,) = out["categories"]
+    assert out["n_items"] == 4 and category["measures"][0]["n"] == 4
+    table = run_eval(data, policies=policy_dir, sae=sae_dir, model=str(model_dir), progress=False)
+    assert table.startswith("## Evaluation on data.jsonl") and "| unsafe_code | policy (1 enforce, 0 shadow rules) | 6 (3/3)" in table
