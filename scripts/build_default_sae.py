@@ -75,11 +75,14 @@ def build_windows(tokenizer):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("step", choices=["extract", "compare", "train", "heldout"])
+    parser.add_argument("step", choices=["extract", "compare", "train", "heldout", "card"])
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--epochs", type=float, default=2.0)
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.step == "card":
+        write_card()
+        return
     model, tokenizer = load_default_model()
     model = model.to(torch.bfloat16)
     if args.step == "extract":
@@ -223,3 +226,94 @@ def write_heldout(tokenizer, n=150):
 
 if __name__ == "__main__":
     main()
+
+
+def write_card():
+    counts = json.loads((WORK / "data_counts.json").read_text())
+    compare = json.loads((WORK / "layer_compare.json").read_text())
+    final = json.loads((WORK / "final_summary.json").read_text())
+    ev = json.loads((WORK / "sae_eval_heldout.json").read_text())
+    cfg = json.loads((SHIP / "cfg.json").read_text())
+    tc = cfg["metadata"]["train_config"]
+    rows = []
+    for layer, info in sorted(compare["layers"].items(), key=lambda kv: int(kv[0])):
+        t = {f"{x['category']}:{x['fit'].split('/')[-1].split('.')[0]}": x for x in info["transfers"]}
+        rows.append(f"| {layer} | {info['reconstruction']['fvu']:.3f} | "
+                    + " | ".join(f"{x['test_auroc']:.3f} / {x['top10_mean_test_auroc']:.3f}" for x in info["transfers"])
+                    + f" | {info['mean_test_auroc']:.3f} / {info['mean_top10_test_auroc']:.3f} |")
+    header = " | ".join(f"{x['category']} {x['fit'].split('/')[-1].split('.')[0]}→{x['test'].split('/')[-1].split('.')[0]}"
+                        for x in next(iter(compare["layers"].values()))["transfers"])
+    text = f"""# Default SAE for SmolLM2-135M-Instruct, layer 15 residual stream
+
+A BatchTopK sparse autoencoder trained by the sae-monitor project on the embedded default
+model, because none exists to download. SAELens layout (`cfg.json` + `sae_weights.safetensors`);
+SAELens reads it as a JumpReLU SAE with one global threshold, which is exactly how a BatchTopK
+SAE runs at inference.
+
+| | |
+| --- | --- |
+| hook | `blocks.15.hook_resid_post` (output of decoder block 15 of 30; `hidden_states[16]`) |
+| width | 8192 latents (d_in 576, 14.2x), k = {tc['k']} (training), threshold {float(__import__('safetensors.torch', fromlist=['load_file']).load_file(str(SHIP / 'sae_weights.safetensors'))['threshold'][0]):.4f} (inference) |
+| weights | float16, {(SHIP / 'sae_weights.safetensors').stat().st_size / 1e6:.1f} MB |
+| excluded inputs | position 0 and tokens with residual norm > {cfg['metadata']['max_input_norm']:.0f} (10x the median: "massive activations" of attention sinks, ~100x the median norm); {cfg['metadata'].get('outliers_dropped', 0)} such tokens were dropped from training |
+
+## Quality on held-out text
+
+Measured with `sae-monitor sae-eval --texts runs/default-sae/heldout.jsonl --json` on
+{ev['tokens']:,} tokens of 150 corpus documents that training never saw (every 50th document of
+`../shared/data/corpus`, which the extraction skipped), model in float32:
+
+| measure | ours | bar | Gemma Scope / SAELens for comparison |
+| --- | ---: | --- | --- |
+| FVU (fraction of variance unexplained) | {ev['fvu']:.3f} | ≤ 0.25 | Gemma Scope 16k residual SAEs: roughly 0.1–0.3 depending on layer and L0 |
+| CE loss recovered | {ev['ce_recovered']:.3f} | ≥ 0.90 | typically 0.9–0.99 for SAELens/Gemma Scope residual SAEs |
+| mean L0 | {ev['l0']:.1f} | 16–64 | Gemma Scope L0 ranges from ~10 to ~150 |
+| dead latents (never active on this text) | {ev['dead_fraction']:.1%} | ≤ 10% | — |
+| CE clean / spliced / zero-ablated | {ev['ce_clean']:.3f} / {ev['ce_spliced']:.3f} / {ev['ce_zero']:.3f} | | |
+
+On 40,000 held-out activation tokens from the training mix (the last ones extracted):
+FVU {final['shard_heldout']['fvu']:.3f}, L0 {final['shard_heldout']['l0']:.1f}, dead {final['shard_heldout']['dead_fraction']:.1%}.
+The comparison figures are the ranges those projects report for their own models; they are
+context, not a like-for-like benchmark.
+
+## Recipe (exact)
+
+Reproduce with `scripts/build_default_sae.py extract`, `compare`, `train --layer 15 --epochs 1.25`, `heldout`, `card`.
+
+- Text: windows of at most 256 tokens (at most 4 per document), position 0 of each window dropped.
+  - `../shared/data/corpus/corpus.jsonl.gz` minus every 50th document: {counts['corpus_tokens']:,} tokens
+    (chat rows rendered with the model's chat template);
+  - the labeled dev sets in `../shared/data` (all six files, shuffled, ≤ 2 windows per text): {counts['dev_tokens']:,} tokens;
+  - the Python 3.11 standard library's source (no tests, ≤ 2 windows per file): {counts['stdlib_tokens']:,} tokens.
+- Activations: model in bfloat16, extraction stopped after {FINAL_TOKENS:,} tokens (shuffled windows, so a prefix is a random sample);
+  the last 40,000 held out; {cfg['metadata'].get('training_tokens', 0):,} training tokens.
+- Training: BatchTopK, k = {tc['k']}, {tc['epochs']} epochs, batch {tc['batch_tokens']} tokens, Adam lr {tc['lr']}
+  (warm-up {tc['warmup_steps']} steps, linear decay over the last 20%), unit-norm decoder rows, inputs scaled to mean
+  squared norm d_in (the scale {cfg['metadata']['activation_scale']:.4f} is folded into the saved weights), AuxK loss
+  (k_aux {tc['aux_k']}, coefficient {tc['aux_coef']:.4f}) for latents silent for {tc['dead_tokens']:,} tokens, sparse gradients.
+  Final training FVU {final['last']['fvu']:.3f}; {final['train']['steps']} steps at ~7,600 tokens/s on 2 CPU cores.
+
+## Why layer 15
+
+Small SAEs (8192 latents, k 32, {compare['tokens_per_sae']:,} tokens each) were trained at layers 9 and 15, and
+each was scored on how well its latents separate the dev sets' categories *across sources*:
+the best latent (by AUROC) on one source, tested on another; and the mean of the top-10 latents
+(scaled by their maxima), tested the same way ({compare['dev_items']} dev items, max over each text's
+scoped tokens: the response of a dialogue, the changed lines of a code fix). Cells are test AUROC,
+single latent / top-10 mean.
+
+| layer | held-out FVU | {header} | mean |
+| --- | ---: | {' | '.join('---:' for _ in next(iter(compare['layers'].values()))['transfers'])} | ---: |
+{chr(10).join(rows)}
+
+(The layer-15 FVU of the small SAE was inflated by a handful of massive-activation tokens that
+were not yet excluded at that point; after excluding them the final layer-15 SAE reaches the
+figures above.) Transfer is weak at both layers: single latents picked on one source are near
+chance on the other for unsafe code and sycophancy, and only the backdoor split (same source,
+disjoint pairs) transfers. The two layers are within noise of each other on these ~160-item
+samples; layer 15 was kept for the better top-10 transfer (0.617 vs 0.598) and because
+semantic features in the middle of the network suit the sycophancy and backdoor concepts.
+Layer 21 was not tried for lack of time.
+"""
+    (SHIP / "README.md").write_text(text)
+    print(text)
