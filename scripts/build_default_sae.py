@@ -73,33 +73,6 @@ def build_windows(tokenizer):
     return windows, counts
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("step", choices=["extract", "compare", "train", "heldout", "card"])
-    parser.add_argument("--layer", type=int, default=15)
-    parser.add_argument("--epochs", type=float, default=2.0)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    if args.step == "card":
-        write_card()
-        return
-    model, tokenizer = load_default_model()
-    model = model.to(torch.bfloat16)
-    if args.step == "extract":
-        windows, counts = build_windows(tokenizer)
-        WORK.mkdir(parents=True, exist_ok=True)
-        (WORK / "data_counts.json").write_text(json.dumps(counts, indent=2))
-        print(counts, file=sys.stderr, flush=True)
-        extract_activations(model, windows, [HookPoint(L) for L in CANDIDATE_LAYERS], WORK / "acts",
-                            batch_size=16, pad_id=tokenizer.pad_token_id or 0)
-    elif args.step == "compare":
-        compare_layers(model, tokenizer)
-    elif args.step == "train":
-        train_final(args.layer, args.epochs)
-    elif args.step == "heldout":
-        print(write_heldout(tokenizer))
-
-
 COMPARE_TOKENS = 600_000
 DEV_PER_FILE = 160
 TRANSFERS = [  # (category, fit on, test on)
@@ -224,10 +197,6 @@ def write_heldout(tokenizer, n=150):
     return path
 
 
-if __name__ == "__main__":
-    main()
-
-
 def write_card():
     counts = json.loads((WORK / "data_counts.json").read_text())
     compare = json.loads((WORK / "layer_compare.json").read_text())
@@ -317,3 +286,34 @@ Layer 21 was not tried for lack of time.
 """
     (SHIP / "README.md").write_text(text)
     print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("step", choices=["extract", "compare", "train", "heldout", "card"])
+    parser.add_argument("--layer", type=int, default=15)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if args.step == "card":
+        write_card()
+        return
+    model, tokenizer = load_default_model()
+    model = model.to(torch.bfloat16)
+    if args.step == "extract":
+        windows, counts = build_windows(tokenizer)
+        WORK.mkdir(parents=True, exist_ok=True)
+        (WORK / "data_counts.json").write_text(json.dumps(counts, indent=2))
+        print(counts, file=sys.stderr, flush=True)
+        extract_activations(model, windows, [HookPoint(L) for L in CANDIDATE_LAYERS], WORK / "acts",
+                            batch_size=16, pad_id=tokenizer.pad_token_id or 0)
+    elif args.step == "compare":
+        compare_layers(model, tokenizer)
+    elif args.step == "train":
+        train_final(args.layer, args.epochs)
+    elif args.step == "heldout":
+        print(write_heldout(tokenizer))
+
+
+if __name__ == "__main__":
+    main()
