@@ -113,7 +113,7 @@ class Report:
             return "failed_open"
         if self.blocks:
             return "blocked"
-        if self.steers:
+        if self.steers or "steered" in self.row_outcomes:
             return "steered"
         return "allowed"
 
@@ -552,7 +552,7 @@ class Monitor:
         if final:
             yield final
         if report.blocks:
-            yield report.blocks[0].message
+            yield _block_text(report.blocks[0].message, after_text=bool(released_text))
 
     def scan(self, text: str | Sequence[dict[str, str]], *, prompt: str | None = None) -> Report:
         """Evaluate a finished transcript, teacher-forced, and return the same report.
@@ -608,12 +608,17 @@ class Monitor:
             seq = sequences[row]
             if row in report.blocks:
                 keep = max(0, request.block_position.get(row, -1))
-                message = torch.tensor(self.tokenizer(report.blocks[row].message, add_special_tokens=False)["input_ids"],
-                                       dtype=seq.dtype)
+                text = _block_text(report.blocks[row].message, after_text=keep > 0)
+                message = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=seq.dtype)
                 seq = torch.cat([seq[:prompt_len + keep] if keep else seq[:prompt_len], message])
             rows.append(seq)
         width = max(len(r) for r in rows)
         return torch.stack([torch.cat([r, torch.full((width - len(r),), pad, dtype=r.dtype)]) for r in rows])
+
+
+def _block_text(message: str, *, after_text: bool) -> str:
+    """The rule's message, on its own paragraph when part of the response was already given."""
+    return "\n\n" + message if after_text else message
 
 
 def _as_ids(value: Any) -> list[int]:

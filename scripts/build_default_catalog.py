@@ -108,7 +108,7 @@ def rank(top=8):
     (WORK / "rank.json").write_text(json.dumps(report, indent=2))
 
 
-def contexts(latents, n_docs=400, per=5):
+def contexts(latents, n_docs=250, per=5):
     from monitor.capture import capture
     from monitor.data import render
     from monitor.models import load_default_model
@@ -125,7 +125,7 @@ def contexts(latents, n_docs=400, per=5):
         for i, line in enumerate(handle):
             if i % 50 != 0 and len(texts) < n_docs and i % 7 == 3:
                 texts.append(render(json.loads(line), tokenizer))
-    dev = [it.text for _, it in items(tokenizer)][::4]
+    dev = [it.text for _, it in items(tokenizer)][::8]
     for text in texts + dev:
         ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=256)["input_ids"]
         resid = capture(model, ids, sae.hook_point)[0].float()

@@ -94,7 +94,7 @@ def test_block_cuts_before_the_token_that_fired(setup, tmp_path):
     out = mon.generate(prompt, pad_token_id=tok.pad_token_id, **GEN)
     report = mon.last_report
     assert report.outcome == "blocked" and report.blocks[0].token_index == index
-    message = tok("BLOCKED", add_special_tokens=False)["input_ids"]
+    message = tok("\n\nBLOCKED", add_special_tokens=False)["input_ids"]
     expected = plain[0, :prompt.shape[1] + index].tolist() + message
     assert out[0].tolist()[:len(expected)] == expected
     with pytest.raises(Blocked) as err:
@@ -172,7 +172,8 @@ def test_stream_never_yields_blocked_token(setup, tmp_path):
     text = "".join(chunks)
     allowed = tok.decode(plain[0, prompt.shape[1]:prompt.shape[1] + index], skip_special_tokens=True)
     # an unfinished multi-byte character before the block is held back, never shown half
-    assert text == allowed.rstrip("\ufffd") + "BLOCKED"
+    shown = allowed.rstrip("\ufffd")
+    assert text == shown + ("\n\nBLOCKED" if shown else "BLOCKED")
     # quiet policy: the stream is the whole response
     quiet = Monitor(model, tok, sae=sae, policies=policy(tmp_path, rule()), self_test=False)
     mon.close()
