@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from monitor.data import token_ids
 from monitor.capture import HookPoint, capture
 from monitor.probes import fit_logistic
 
@@ -36,15 +37,6 @@ PYTHON_NAMES = frozenset({"python", "py", "python3"})
 
 # ------------------------------------------------------------------ tokenisation
 
-
-def _as_ids(value: Any) -> list[int]:
-    if hasattr(value, "keys") and "input_ids" in value:
-        value = value["input_ids"]
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if value and isinstance(value[0], list):
-        value = value[0]
-    return list(value)
 
 
 def scan_ids(tokenizer: Any, text: str | Sequence[dict[str, str]], prompt: str | None = None
@@ -60,11 +52,11 @@ def scan_ids(tokenizer: Any, text: str | Sequence[dict[str, str]], prompt: str |
     else:
         messages = list(text)
         if messages and messages[-1].get("role") == "assistant":
-            prompt_ids = _as_ids(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True,
+            prompt_ids = token_ids(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True,
                                                                tokenize=True))
-            response_ids = _as_ids(tokenizer.apply_chat_template(messages, tokenize=True))[len(prompt_ids):]
+            response_ids = token_ids(tokenizer.apply_chat_template(messages, tokenize=True))[len(prompt_ids):]
         else:
-            prompt_ids, response_ids = _as_ids(tokenizer.apply_chat_template(messages, tokenize=True)), []
+            prompt_ids, response_ids = token_ids(tokenizer.apply_chat_template(messages, tokenize=True)), []
     return list(prompt_ids) + list(response_ids), len(prompt_ids)
 
 

@@ -14,8 +14,8 @@ return a replacement; that is how steering is applied. Removing the hook restore
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -134,31 +134,52 @@ def residual_hook(model: nn.Module, point: HookPoint, callback: ResidualCallback
 
 
 class _StopForward(Exception):
-    """Raised inside a hook to stop the forward pass once the wanted layer has run."""
+    """Raised inside a hook to stop the forward pass once the wanted layers have run."""
 
 
 @torch.no_grad()
+def forward_through(model: nn.Module, callbacks: Mapping[HookPoint, ResidualCallback],
+                    **model_inputs: Any) -> None:
+    """Run ``model(**model_inputs)`` with ``callbacks`` hooked at their points, and stop the
+    forward pass right after the deepest one: layers above it cost nothing.
+
+    Used by every whole-text reader (capture, extraction, discovery, self-test).
+    """
+    if not callbacks:
+        raise ValueError("forward_through needs at least one hook point")
+    deepest = max(callbacks, key=lambda p: (p.layer, p.site == "resid_post"))
+    ran: set[HookPoint] = set()
+
+    def wrap(point: HookPoint, callback: ResidualCallback) -> ResidualCallback:
+        def hook(resid: torch.Tensor) -> torch.Tensor | None:
+            replaced = callback(resid)
+            ran.add(point)
+            if point == deepest:
+                raise _StopForward
+            return replaced
+        return hook
+
+    with ExitStack() as stack:
+        for point, callback in callbacks.items():
+            stack.enter_context(residual_hook(model, point, wrap(point, callback)))
+        try:
+            model(**model_inputs, use_cache=False)
+        except _StopForward:
+            pass
+    missing = set(callbacks) - ran
+    if missing:
+        raise UnsupportedModelError(
+            "the hook at " + ", ".join(sorted(p.name for p in missing)) + " never ran during the forward pass")
+
+
 def capture(
     model: nn.Module,
     input_ids: torch.Tensor,
     point: HookPoint,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Residual ``[batch, seq, d_model]`` at ``point`` for a plain forward over whole texts.
-
-    The forward pass stops right after the hooked block, so layers above it cost nothing.
-    """
+    """Residual ``[batch, seq, d_model]`` at ``point`` for a plain forward over whole texts."""
     captured: list[torch.Tensor] = []
-
-    def grab(resid: torch.Tensor) -> None:
-        captured.append(resid.detach().clone())
-        raise _StopForward
-
-    with residual_hook(model, point, grab):
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
-            pass
-    if not captured:
-        raise UnsupportedModelError(f"the hook at {point.name} never ran during the forward pass")
+    forward_through(model, {point: lambda resid: captured.append(resid.detach().clone())},
+                    input_ids=input_ids, attention_mask=attention_mask)
     return captured[0]

@@ -55,6 +55,18 @@ def render(row: dict[str, Any], tokenizer: Any = None, *, source: str = "") -> s
     raise DataError(f"{source}: row has no 'text', 'messages' or 'prompt'+'response' field")
 
 
+def token_ids(value: Any) -> list[int]:
+    """Plain token ids from what ``apply_chat_template``/tokenizers return by version: a list,
+    a nested list, a tensor or a BatchEncoding."""
+    if hasattr(value, "keys") and "input_ids" in value:
+        value = value["input_ids"]
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if value and isinstance(value[0], list):
+        value = value[0]
+    return [int(i) for i in value]
+
+
 def iter_texts(paths: Iterable[str | Path], tokenizer: Any = None) -> Iterator[str]:
     """Texts from JSONL files and plain text files, in order."""
     for raw in paths:

@@ -28,9 +28,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from monitor.capture import HookPoint, residual_hook
+from monitor.capture import HookPoint, forward_through
 from monitor.data import read_jsonl, render
-from monitor.errors import CatalogError, DataError, UnsupportedModelError
+from monitor.errors import CatalogError, DataError
 from monitor.stats import auroc
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -168,10 +168,6 @@ def _token_window(item: LabeledText, tokenizer: Any, ctx: int) -> tuple[list[int
     return window_ids, window_scope
 
 
-class _Stop(Exception):
-    pass
-
-
 def _padded_batches(windows: Sequence[tuple[list[int], list[bool]]], batch_size: int, pad_id: int
                     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(item indices, ids, attention mask, scope)`` per batch, items sorted by length."""
@@ -203,30 +199,18 @@ def pooled_activations(model: nn.Module, tokenizer: Any, items: Sequence[Labeled
     """
     windows = [_token_window(item, tokenizer, ctx) for item in items]
     results: dict[HookPoint, list[tuple[int, torch.Tensor]]] = {p: [] for p in encoders}
-    deepest = max(encoders, key=lambda p: (p.layer, p.site == "resid_post"))
     done = 0
     for batch, ids, attn, scope in _padded_batches(windows, batch_size, tokenizer.pad_token_id or 0):
-        hooks = []
-        for point, encode in encoders.items():
-            def grab(resid: torch.Tensor, point: HookPoint = point, encode: Encoder = encode,
-                     batch: list[int] = batch, scope: torch.Tensor = scope) -> None:
+        def grab(point: HookPoint, encode: Encoder, batch: list[int] = batch, scope: torch.Tensor = scope):
+            def hook(resid: torch.Tensor) -> None:
                 acts = encode(resid.float()).float()
                 acts = acts.masked_fill(~scope[..., None], float("-inf")).amax(dim=1)
                 if floor is not None:
                     acts = acts.clamp_min(floor)
                 results[point].extend(zip(batch, acts))
-                if point == deepest:
-                    raise _Stop
-            hooks.append(residual_hook(model, point, grab))
-        for h in hooks:
-            h.__enter__()
-        try:
-            model(input_ids=ids, attention_mask=attn, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            for h in reversed(hooks):
-                h.__exit__(None, None, None)
+            return hook
+
+        forward_through(model, {p: grab(p, e) for p, e in encoders.items()}, input_ids=ids, attention_mask=attn)
         done += len(batch)
         if progress:
             progress(done, len(items))
@@ -262,18 +246,8 @@ def iter_token_activations(model: nn.Module, tokenizer: Any, items: Sequence[Lab
     done = 0
     for batch, ids, attn, scope in _padded_batches(windows, batch_size, tokenizer.pad_token_id or 0):
         captured: list[torch.Tensor] = []
-
-        def grab(resid: torch.Tensor) -> None:
-            captured.append(encode(resid.float()).float())
-            raise _Stop
-
-        with residual_hook(model, point, grab):
-            try:
-                model(input_ids=ids, attention_mask=attn, use_cache=False)
-            except _Stop:
-                pass
-        if not captured:
-            raise UnsupportedModelError(f"the hook at {point.name} never ran during the forward pass")
+        forward_through(model, {point: lambda resid: captured.append(encode(resid.float()).float())},
+                        input_ids=ids, attention_mask=attn)
         acts = captured[0] * scope[..., None]
         done += len(batch)
         if progress:

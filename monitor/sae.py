@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -443,7 +443,7 @@ def check_fit(sae: SAE, model: nn.Module, tokenizer: Any, *, point: Any = None,
     must fit its own layer better than the blocks just before and after it (an off-by-one
     layer fits only slightly worse, so no absolute limit could catch it).
     """
-    from monitor.capture import HookPoint, find_blocks, residual_hook
+    from monitor.capture import HookPoint, find_blocks, forward_through
 
     point = point if point is not None else sae.hook_point
     point = point if isinstance(point, HookPoint) else HookPoint(int(point))
@@ -468,15 +468,7 @@ def check_fit(sae: SAE, model: nn.Module, tokenizer: Any, *, point: Any = None,
             scores[p] = fvu(acts, sae(acts))
         return hook
 
-    hooks = [residual_hook(model, p, measure(p)) for p in candidates]
-    with torch.no_grad():
-        for h in hooks:
-            h.__enter__()
-        try:
-            model(input_ids=ids, use_cache=False)
-        finally:
-            for h in reversed(hooks):
-                h.__exit__(None, None, None)
+    forward_through(model, {p: measure(p) for p in candidates}, input_ids=ids)
     score = scores[point]
     if not score <= max_fvu:
         raise SAEMismatchError(

@@ -53,7 +53,7 @@ def evaluate_sae(model: nn.Module, tokenizer: Any, sae: SAE, texts: Sequence[str
                  progress: bool = False) -> SAEEvalResult:
     """Evaluate ``sae`` at ``point`` (default: its own hook point) on ``texts``."""
     point = point or sae.hook_point
-    l0_sum, n_tok = 0.0, 0
+    l0_sum = 0.0
     ever = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
     ce_tokens = 0

@@ -43,6 +43,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from monitor.data import token_ids
 from monitor.errors import MonitorError
 from monitor.logs import ReportLogger
 from monitor.metrics import MonitorMetrics, policy_store
@@ -155,7 +156,7 @@ class ChatService:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         try:
-            ids = _as_ids(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+            ids = token_ids(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                              tokenize=True))
         except Exception as exc:  # noqa: BLE001 - a template may reject a conversation shape
             raise APIError(400, f"the chat template rejected these messages: {exc}",
@@ -432,16 +433,6 @@ def _eos_ids(monitor: Monitor) -> list[int]:
             ids.extend(int(i) for i in source)
     return ids
 
-
-def _as_ids(value: Any) -> list[int]:
-    """apply_chat_template gives a list, a nested list or a BatchEncoding, by version."""
-    if hasattr(value, "keys") and "input_ids" in value:
-        value = value["input_ids"]
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if value and isinstance(value[0], list):
-        value = value[0]
-    return [int(i) for i in value]
 
 
 # ============================================================================ running

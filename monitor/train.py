@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from monitor.capture import HookPoint, residual_hook
-from monitor.sae import SAE, SAEConfig, fvu
+from monitor.capture import HookPoint, forward_through
+from monitor.sae import SAE, SAEConfig
 
 SHARD_WINDOWS = 256
 
@@ -50,10 +50,6 @@ def tokenize_windows(texts: Iterable[str], tokenizer: Any, *, ctx: int = 256,
 
 
 # ----------------------------------------------------------------------------- extraction
-class _StopForward(Exception):
-    pass
-
-
 @torch.no_grad()
 def extract_activations(model: nn.Module, windows: Sequence[list[int]], points: Sequence[HookPoint],
                         out_dir: str | Path, *, batch_size: int = 16, pad_id: int = 0,
@@ -68,7 +64,6 @@ def extract_activations(model: nn.Module, windows: Sequence[list[int]], points: 
     dirs = {p: out_dir / f"L{p.layer}_{p.site}" for p in points}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    deepest = max(points, key=lambda p: (p.layer, p.site == "resid_post"))
     n_shards = math.ceil(len(windows) / SHARD_WINDOWS)
     started, done_tokens = time.time(), 0
     for shard in range(n_shards):
@@ -89,22 +84,13 @@ def extract_activations(model: nn.Module, windows: Sequence[list[int]], points: 
             keep = mask.bool().clone()
             keep[:, 0] = False
             grabbed: dict[HookPoint, torch.Tensor] = {}
-            hooks = []
-            for p in points:
-                def cb(resid: torch.Tensor, p: HookPoint = p) -> None:
+
+            def grab(p: HookPoint):
+                def cb(resid: torch.Tensor) -> None:
                     grabbed[p] = resid[keep].to(torch.float16)
-                    if p == deepest:
-                        raise _StopForward
-                hooks.append(residual_hook(model, p, cb))
-            for h in hooks:
-                h.__enter__()
-            try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
-                pass
-            finally:
-                for h in reversed(hooks):
-                    h.__exit__(None, None, None)
+                return cb
+
+            forward_through(model, {p: grab(p) for p in points}, input_ids=ids, attention_mask=mask)
             for p in points:
                 collected[p].append(grabbed[p])
             done_tokens += int(keep.sum())

@@ -40,7 +40,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from monitor.capture import HookPoint, find_blocks, residual_hook
+from monitor.data import token_ids
+from monitor.capture import HookPoint, residual_hook
 from monitor.catalog import Catalog
 from monitor.errors import MonitorError
 from monitor.policy import CompiledPolicy, Hit, PolicyStore, SteerDirective
@@ -569,10 +570,10 @@ class Monitor:
             if messages and messages[-1].get("role") == "assistant":
                 prompt_ids = self.tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)
                 full = self.tokenizer.apply_chat_template(messages, tokenize=True)
-                prompt_ids = list(_as_ids(prompt_ids))
-                response_ids = list(_as_ids(full))[len(prompt_ids):]
+                prompt_ids = list(token_ids(prompt_ids))
+                response_ids = list(token_ids(full))[len(prompt_ids):]
             else:
-                prompt_ids, response_ids = list(_as_ids(self.tokenizer.apply_chat_template(messages, tokenize=True))), []
+                prompt_ids, response_ids = list(token_ids(self.tokenizer.apply_chat_template(messages, tokenize=True))), []
         ids = torch.tensor([list(prompt_ids) + list(response_ids)], dtype=torch.long)
         request = _Request(self, self.policy, 1, None, ids, scan_prompt_len=len(prompt_ids))
         token = _current.set(request)
@@ -597,7 +598,7 @@ class Monitor:
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-        return torch.tensor([list(_as_ids(ids))], dtype=torch.long)
+        return torch.tensor([list(token_ids(ids))], dtype=torch.long)
 
     def _cut(self, sequences: torch.Tensor, prompt_len: int, report: Report, request: _Request) -> torch.Tensor:
         if not report.blocks and not request.refused:
@@ -620,16 +621,6 @@ def _block_text(message: str, *, after_text: bool) -> str:
     """The rule's message, on its own paragraph when part of the response was already given."""
     return "\n\n" + message if after_text else message
 
-
-def _as_ids(value: Any) -> list[int]:
-    """apply_chat_template returns a list, or a BatchEncoding in newer transformers."""
-    if hasattr(value, "keys") and "input_ids" in value:
-        value = value["input_ids"]
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if value and isinstance(value[0], list):
-        value = value[0]
-    return list(value)
 
 
 REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"

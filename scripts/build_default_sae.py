@@ -206,7 +206,6 @@ def write_card():
     tc = cfg["metadata"]["train_config"]
     rows = []
     for layer, info in sorted(compare["layers"].items(), key=lambda kv: int(kv[0])):
-        t = {f"{x['category']}:{x['fit'].split('/')[-1].split('.')[0]}": x for x in info["transfers"]}
         rows.append(f"| {layer} | {info['reconstruction']['fvu']:.3f} | "
                     + " | ".join(f"{x['test_auroc']:.3f} / {x['top10_mean_test_auroc']:.3f}" for x in info["transfers"])
                     + f" | {info['mean_test_auroc']:.3f} / {info['mean_top10_test_auroc']:.3f} |")

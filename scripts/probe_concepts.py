@@ -1,7 +1,7 @@
 """Token-level concept search: latents that fire on hand-written examples of a concept (at
 any token) and not on benign code/text, then checked on real data from another source
 (CyberSecEval rows of the matching CWE vs clean code from SVEN/Juliet)."""
-import json, sys, random
+import json, random
 import torch
 from monitor.models import load_default_model
 from monitor.sae import load_sae

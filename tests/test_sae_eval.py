@@ -3,7 +3,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monitor.capture import HookPoint
 from monitor.sae import SAE, SAEConfig
 from monitor.sae_eval import evaluate_sae
 from tests.builders import tiny_model
