@@ -291,6 +291,7 @@ class ItemResult:
     blocked: bool
     scored_tokens: int
     error: str | None = None
+    feature_peaks: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -400,9 +401,10 @@ def evaluate(monitor: Any, items: Sequence[EvalItem | Mapping[str, Any]], *,
         fired &= rules
         block = report.blocks.get(0)
         blocked = block is not None and block.scope == "response" and bool(rules[rule_index[block.rule_id]])
+        feature_peaks = report.peak_table("response") if peaks is not None else {}
         results.append(ItemResult(item.id, item.category, item.label, score, bool((fired & enforce).any()),
                                   bool((fired & ~enforce).any()), blocked,
-                                  int(report.tokens_monitored.get("response", 0)), error))
+                                  int(report.tokens_monitored.get("response", 0)), error, feature_peaks))
         bar.update(1)
     bar.close()
 
@@ -455,6 +457,11 @@ def _category(category: str, idx: list[int], items: Sequence[EvalItem], results:
         unscored = sum(1 for r in kept if r.scored_tokens == 0)
         if unscored:
             notes.append(f"{unscored} items have no scored token (empty scope, or blocked on the text before it)")
+    # each catalog feature of the category on its own: its peak over the scoped tokens
+    no_decision = torch.zeros(len(kept), dtype=torch.bool)
+    for name in sorted({n for r in kept for n in r.feature_peaks if n.startswith(category + ".")}):
+        peaks = torch.tensor([r.feature_peaks.get(name, 0.0) for r in kept], dtype=torch.float64)
+        measures.append(measure(f"feature {name}", peaks, no_decision, kept_labels, "none (ranking only)"))
     truncated = sum(items[n].truncated for n in idx)
     if truncated:
         notes.append(f"{truncated} items cut to the context/scope length limits")

@@ -59,3 +59,28 @@ def test_training_resumes_from_checkpoint(tmp_path):
     assert resumed.W_enc.shape == full.W_enc.shape
     step = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"]
     assert step == 2048 // 128
+
+
+def test_train_command_end_to_end(tmp_path, tiny_tokenizer):
+    """`sae-monitor train` on a saved tiny model: extraction, training, SAELens output, card."""
+    import json
+
+    from monitor.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS) + "\n")
+    code = tmp_path / "snippet.py"
+    code.write_text("def add(a, b):\n    return a + b\n" * 5)
+    out = tmp_path / "run"
+    status = main(["train", "--model", str(model_dir), "--data", str(data), str(code), "--layer", "1",
+                   "--tokens", "2000", "--ctx", "32", "--d-sae", "64", "--k", "4", "--batch-tokens", "128",
+                   "--epochs", "3", "--out", str(out)])
+    assert status == 0
+    sae = SAE.load(out / "sae")
+    assert sae.cfg.hook_name == "blocks.1.hook_resid_post" and sae.cfg.d_sae == 64
+    assert sae.W_enc.dtype == torch.float16 or SAE.load(out / "sae", dtype=None).W_enc.dtype == torch.float16
+    card = (out / "sae" / "README.md").read_text()
+    assert "train_fvu" in card and "blocks.1.hook_resid_post" in card
