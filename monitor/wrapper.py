@@ -453,7 +453,10 @@ class Monitor:
             extra = torch.ones(attention_mask.shape[0], length - attention_mask.shape[1], dtype=attention_mask.dtype)
             full_mask = torch.cat([attention_mask, extra], dim=1)
             request.attention_mask = full_mask
-        cache = getattr(out, "past_key_values", None)
+        # transformers >= 5.3x names the output's KV cache `cache` (`past_key_values` warns)
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
         if cache is not None and request.positions_done == length - 1:
             # transformers >= 5.3x calls the cache argument `cache`; older versions `past_key_values`
             name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
