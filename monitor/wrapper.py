@@ -631,6 +631,12 @@ SHIPPED_CATALOG = Path(__file__).resolve().parent / "saes" / "default" / "catalo
 
 
 def _default_policy_dir() -> Path:
+    """The shipped policies (``policies/`` of a source checkout or editable install)."""
+    if not REPO_POLICIES.is_dir():
+        raise MonitorError(
+            f"the shipped policies were not found at {REPO_POLICIES} (they ship with the source "
+            "checkout); pass policies=PATH to wrap()/from_default(), or --policies on the CLI"
+        )
     return REPO_POLICIES
 
 
