@@ -282,3 +282,25 @@ def test_run_eval_end_to_end_from_files(tmp_path, tiny_tokenizer):
     assert out["n_items"] == 4 and category["measures"][0]["n"] == 4
     table = run_eval(data, policies=policy_dir, sae=sae_dir, model=str(model_dir), progress=False)
     assert table.startswith("## Evaluation on data.jsonl") and "| unsafe_code | policy (1 enforce, 0 shadow rules) | 6 (3/3)" in table
+
+
+def test_catalog_features_get_their_own_ranking_rows():
+    """Each catalog feature of a category is ranked by its own peak, beside the policy."""
+    from monitor.evaluate import ItemResult, _category
+
+    peaks = [0.0, 3.0, 1.0, 2.0]  # feature a: AUROC 1.0 on labels [0, 1, 0, 1]; feature b reversed
+    labels = [0, 1, 0, 1]
+    rows = [ItemResult(str(i), "unsafe_code", y, 0.0, False, False, False, 3, None,
+                       {"unsafe_code.a": p, "unsafe_code.b": -p, "sycophancy.c": p})
+            for i, (y, p) in enumerate(zip(labels, peaks))]
+
+    class FakeItem:
+        def __init__(self, label):
+            self.label, self.truncated, self.widened = label, False, False
+
+    result = _category("unsafe_code", [0, 1, 2, 3], [FakeItem(y) for y in labels], rows, None, [], set(),
+                       torch.zeros(0, dtype=torch.bool), None)
+    by_name = {m.scorer: m for m in result.measures}
+    assert by_name["feature unsafe_code.a"].auroc == 1.0
+    assert by_name["feature unsafe_code.b"].auroc == 0.0
+    assert "feature sycophancy.c" not in by_name  # other categories' features stay out
