@@ -151,8 +151,8 @@ class _Request:
     # ------------------------------------------------------------------ masks
     def _mask(self, ids: torch.Tensor | None, start: int, length: int) -> torch.Tensor:
         mask = torch.ones(self.batch, length, dtype=torch.bool)
-        if ids is not None and ids.shape[1] == length:
-            mask &= ~torch.isin(ids, self.monitor._special_ids)
+        if ids is not None and ids.shape[1] == length and not self.monitor.include_special_tokens:
+            mask &= ~torch.isin(ids.cpu(), self.monitor._special_ids)
         if self.attention_mask is not None:
             am = self.attention_mask
             cols = torch.arange(start, start + length)
@@ -213,8 +213,10 @@ class _Request:
         feats = self.encoder(part)
         if not torch.isfinite(feats).all():
             raise FloatingPointError("non-finite SAE activation")
-        mask = self._mask(ids[:, lo:hi] if ids is not None else None, start + lo, hi - lo)
+        mask = self._mask(ids[:, lo:hi] if ids is not None else None, start + lo, hi - lo).to(part.device)
         mask &= self.monitor.sae.input_mask(part)  # massive-activation positions carry no content
+        if self.state.device != feats.device:  # first step: keep the engine state beside the model
+            self.state = self.policy.new_state(self.batch, feats.device)
         self.report.tokens_monitored[scope] += int(mask.sum())
         peak = feats.float().masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
         previous = self.report.peaks.get(scope)

@@ -285,3 +285,18 @@ def test_wrap_pipeline_is_drop_in(setup, tmp_path):
     blocking = wrap(pipe, sae=make_sae(), policies=policy(tmp_path, rule(above=-1.0)), self_test=False)
     out = blocking(text, max_new_tokens=6, do_sample=False)
     assert out[0]["generated_text"].endswith("BLOCKED")
+
+
+def test_special_tokens_and_first_position_are_excluded_unless_asked(setup, tmp_path):
+    model, tok, _, _ = setup
+    special = tok.convert_tokens_to_ids("<|im_start|>")
+    prompt = torch.tensor([[5, special, 42, 99, special, 13]])
+    quiet = policy(tmp_path, rule())
+    default = Monitor(model, tok, sae=make_sae(), policies=quiet, self_test=False)
+    default.generate(prompt, pad_token_id=tok.pad_token_id, max_new_tokens=1, do_sample=False)
+    assert default.last_report.tokens_monitored["prompt"] == 3  # 6 minus position 0 and two specials
+    default.close()
+    everything = Monitor(model, tok, sae=make_sae(), policies=quiet, self_test=False, include_special_tokens=True)
+    everything.generate(prompt, pad_token_id=tok.pad_token_id, max_new_tokens=1, do_sample=False)
+    assert everything.last_report.tokens_monitored["prompt"] == 6
+    everything.close()
