@@ -24,7 +24,7 @@ import torch
 from monitor.capture import HookPoint
 from monitor.data import read_jsonl, render
 from monitor.models import load_default_model
-from monitor.train import extract_activations, tokenize_windows
+from monitor.train import SHARD_WINDOWS, extract_activations, tokenize_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -126,14 +126,14 @@ def transfer_scores(pooled_by_set):
     return rows
 
 
-def compare_layers(model, tokenizer):
+def compare_layers(model, tokenizer, layers=CANDIDATE_LAYERS):
     from monitor.discover import pooled_activations
     from monitor.train import TrainConfig, evaluate_reconstruction, load_activations, train_sae
 
     out = WORK / "compare"
     out.mkdir(parents=True, exist_ok=True)
     saes, recon = {}, {}
-    for layer in CANDIDATE_LAYERS:
+    for layer in layers:
         acts = load_activations(WORK / "acts" / f"L{layer}_resid_post", max_tokens=COMPARE_TOKENS + 60_000)
         train, held = acts[:COMPARE_TOKENS], acts[COMPARE_TOKENS:]
         sae, _ = train_sae(train, TrainConfig(epochs=1.0), out=out / f"L{layer}", log_every=25)
@@ -144,7 +144,10 @@ def compare_layers(model, tokenizer):
     items = [item for name in sorted(sets) for item in sets[name]]
     pooled = pooled_activations(model, tokenizer, items, {p: s.encode for p, s in saes.items()},
                                 progress=lambda d, n: print(f"dev {d}/{n}", file=sys.stderr, flush=True) if d % 80 == 0 else None)
-    report = {"tokens_per_sae": COMPARE_TOKENS, "dev_items": len(items), "layers": {}}
+    path = WORK / "layer_compare.json"
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report.update({"tokens_per_sae": COMPARE_TOKENS, "dev_items": len(items)})
+    report.setdefault("layers", {})
     for point, matrix in pooled.items():
         by_set, start = {}, 0
         for name in sorted(sets):
@@ -152,11 +155,11 @@ def compare_layers(model, tokenizer):
             by_set[name] = (matrix[start:start + n], torch.tensor([it.label for it in sets[name]]))
             start += n
         transfers = transfer_scores(by_set)
-        report["layers"][point.layer] = {
+        report["layers"][str(point.layer)] = {
             "reconstruction": recon[point.layer], "transfers": transfers,
             "mean_test_auroc": sum(t["test_auroc"] for t in transfers) / len(transfers),
             "mean_top10_test_auroc": sum(t["top10_mean_test_auroc"] for t in transfers) / len(transfers)}
-    (WORK / "layer_compare.json").write_text(json.dumps(report, indent=2))
+    path.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
 
@@ -289,7 +292,7 @@ Layer 21 was not tried for lack of time.
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("step", choices=["extract", "compare", "train", "heldout", "card"])
+    parser.add_argument("step", choices=["extract", "compare", "train", "heldout", "card", "extra-layer"])
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--epochs", type=float, default=2.0)
     args = parser.parse_args()
@@ -308,6 +311,12 @@ def main() -> None:
                             batch_size=16, pad_id=tokenizer.pad_token_id or 0)
     elif args.step == "compare":
         compare_layers(model, tokenizer)
+    elif args.step == "extra-layer":
+        # a later candidate, on the same first windows as the comparison used
+        windows, _ = build_windows(tokenizer)
+        extract_activations(model, windows[:SHARD_WINDOWS * 17], [HookPoint(args.layer)], WORK / "acts",
+                            batch_size=16, pad_id=tokenizer.pad_token_id or 0)
+        compare_layers(model, tokenizer, layers=(args.layer,))
     elif args.step == "train":
         train_final(args.layer, args.epochs)
     elif args.step == "heldout":
