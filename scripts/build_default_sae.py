@@ -266,7 +266,7 @@ Reproduce with `scripts/build_default_sae.py extract`, `compare`, `train --layer
 
 ## Why layer 15
 
-Small SAEs (8192 latents, k 32, {compare['tokens_per_sae']:,} tokens each) were trained at layers 9 and 15, and
+Small SAEs (8192 latents, k 32, {compare['tokens_per_sae']:,} tokens each) were trained at layers 9, 15 and 21, and
 each was scored on how well its latents separate the dev sets' categories *across sources*:
 the best latent (by AUROC) on one source, tested on another; and the mean of the top-10 latents
 (scaled by their maxima), tested the same way ({compare['dev_items']} dev items, max over each text's
@@ -279,12 +279,17 @@ single latent / top-10 mean.
 
 (The layer-15 FVU of the small SAE was inflated by a handful of massive-activation tokens that
 were not yet excluded at that point; after excluding them the final layer-15 SAE reaches the
-figures above.) Transfer is weak at both layers: single latents picked on one source are near
-chance on the other for unsafe code and sycophancy, and only the backdoor split (same source,
-disjoint pairs) transfers. The two layers are within noise of each other on these ~160-item
-samples; layer 15 was kept for the better top-10 transfer (0.617 vs 0.598) and because
-semantic features in the middle of the network suit the sycophancy and backdoor concepts.
-Layer 21 was not tried for lack of time.
+figures above.) Transfer is weak at every layer: single latents picked on one source are near
+chance on the other for sycophancy, and only the backdoor split (same source, disjoint pairs)
+transfers well. Layers 9 and 15 were compared first and are within noise of each other; 15 was
+kept for its better top-10 transfer (0.617 vs 0.598) and trained. Layer 21, measured afterwards
+(`scripts/build_default_sae.py extra-layer --layer 21`), has the best single-latent transfer
+(0.595, from unsafe code at 0.58-0.59 where 9 and 15 are at ~0.5) but the worst top-10 transfer
+(0.578; sycophancy top-10 below chance) and the hardest reconstruction (FVU 0.292 vs 0.246 at
+layer 9). The standard error of an AUROC near 0.5 on 80 + 80 items is about 0.045
+(Hanley–McNeil), larger than most of these gaps: no layer is clearly better,
+so the shipped SAE stays at 15. (The backdoor A/B split of the layer-21 row uses a stable hash;
+the earlier rows used Python's per-process string hash, so that one column is not the same split.)
 """
     (SHIP / "README.md").write_text(text)
     print(text)
