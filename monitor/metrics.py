@@ -35,7 +35,7 @@ from monitor import __version__
 
 if TYPE_CHECKING:
     from monitor.catalog import Catalog
-    from monitor.policy import ReloadResult
+    from monitor.policy import CompiledPolicy, ReloadResult
     from monitor.sae import SAE
     from monitor.wrapper import Monitor, Report
 
@@ -139,10 +139,32 @@ class MonitorMetrics:
         store = policy_store(monitor)
         if store is not None and not any(s is store for s in self._stores):
             store.on_reload(self.observe_reload)
+
+            def declare_reloaded(result: ReloadResult) -> None:
+                if result.ok:
+                    self.declare_rules(store.current)
+
+            store.on_reload(declare_reloaded)
             self._stores.append(store)
+        self.declare_rules(monitor.policy)
         self.set_build(policy_version=monitor.policy.version_id,
                        sae=sae_id or sae_identity(monitor.sae, monitor.catalog))
         return self
+
+    def declare_rules(self, policy: CompiledPolicy) -> None:
+        """Start the series of every rule in ``policy`` at zero.
+
+        Why: a counter first scraped at 1 has no increase to Prometheus, so without this the
+        first block of each rule would be invisible to ``rate()``, ``increase()`` and alerts.
+        """
+        for rule in policy.rules:
+            for action in rule.actions or ("none",):
+                self.rule_triggers.labels(rule=rule.id, action=action, severity=rule.severity,
+                                          mode=rule.mode)
+            if rule.enforced and "block" in rule.actions:
+                self.blocks.labels(rule=rule.id)
+            if rule.enforced and "steer" in rule.actions:
+                self.steers.labels(rule=rule.id)
 
     # ------------------------------------------------------------------ observations
     def __call__(self, report: Report) -> None:

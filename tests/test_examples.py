@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +45,14 @@ def test_steering_example_measures_both_conditions():
     # clamping a feature really changes what the model writes
     examples = results["examples"]
     assert examples["code_baseline"] != examples["code_steered"] or examples["opinion_baseline"] != examples["opinion_steered"]
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus")
+def test_dashboard_preview_demo_draws_every_panel_it_can(tmp_path):
+    out = run("dashboard_preview.py", "--demo", "--rounds", "1", "--max-tokens", "8",
+              "--out", str(tmp_path / "preview.html"))
+    drawn, total = map(int, re.search(r"(\d+) of (\d+) panels have data", out).groups())
+    # Only the steering panel may be empty: the shipped policies enforce no steer rule.
+    assert total == 12 and drawn >= 11, out
+    page = (tmp_path / "preview.html").read_text()
+    assert "unsafe_code.shell_execution.block" in page and "policy_version" in page

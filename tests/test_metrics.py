@@ -26,6 +26,7 @@ from tests.test_serve import (
     STEER_FIRST,
     make_monitor,
     make_sae,
+    policies_yaml,
 )
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -132,6 +133,22 @@ def test_reloads_and_build_info(metrics, tmp_path):
     assert 'policy_version="v2"' in text and f'policy_version="{version}"' not in text
     monitor.close()
 
+
+
+def test_every_rule_starts_at_zero_so_its_first_event_is_a_rate(metrics, tmp_path):
+    monitor = make_monitor(tmp_path, LONG_PROMPT_BLOCK, EVERYWHERE_SHADOW)
+    metrics.attach(monitor)
+    assert metrics.registry.get_sample_value("sae_monitor_blocks_total", {"rule": "long_prompt.block"}) == 0.0
+    assert metrics.registry.get_sample_value("sae_monitor_rule_triggers_total", {
+        "rule": "everywhere.shadow", "action": "metric", "severity": "info", "mode": "shadow"}) == 0.0
+    assert metrics.registry.get_sample_value("sae_monitor_blocks_total", {"rule": "everywhere.shadow"}) is None
+    assert metrics.registry.get_sample_value("sae_monitor_steering_interventions_total",
+                                             {"rule": "latent1.steer"}) is None
+    (tmp_path / "policies" / "p.yaml").write_text(policies_yaml(EVERYWHERE_SHADOW, STEER_FIRST))
+    assert monitor.reload_policies().ok
+    assert metrics.registry.get_sample_value("sae_monitor_steering_interventions_total",
+                                             {"rule": "latent1.steer"}) == 0.0
+    monitor.close()
 
 def test_default_registry_when_none():
     metrics = MonitorMetrics()

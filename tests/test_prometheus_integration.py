@@ -7,15 +7,20 @@ saying so, when its binary is absent.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import socket
 import subprocess
+import sys
 import textwrap
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -175,50 +180,103 @@ class PrometheusProcess:
         self.log.close()
 
 
-@needs_prometheus
-def test_prometheus_scrapes_blocks_from_a_live_server(tmp_path):
+@dataclass(frozen=True)
+class LiveStack:
+    prometheus: PrometheusProcess
+    finish_reasons: list
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory) -> Iterator[LiveStack]:
+    """A tiny-model ``sae-monitor serve`` that answered three requests (one blocked), scraped
+    every second by the real Prometheus."""
     from openai import OpenAI
 
     from monitor.serve import ServerThread, create_app
 
+    if PROMETHEUS is None:
+        pytest.skip("prometheus server binary not installed (apt-get install prometheus)")
+    tmp_path = tmp_path_factory.mktemp("live")
     monitor = make_monitor(tmp_path, LONG_PROMPT_BLOCK, EVERYWHERE_SHADOW)
     server = ServerThread(create_app(monitor, model_name="tiny")).start()
     prometheus = None
     try:
         prometheus = PrometheusProcess(tmp_path, f"127.0.0.1:{server.port}")
         assert wait_for(prometheus.ready, timeout=60, interval=0.2), "prometheus never became ready"
+
+        def scraped() -> bool:   # a counter first seen at its final value has a rate of 0
+            return bool(prometheus.query('up{job="sae-monitor"} == 1')["data"]["result"])
+
+        assert wait_for(scraped, timeout=30, interval=0.2), "prometheus never scraped the server"
         client = OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
         finishes = [client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": text}], max_tokens=4,
             temperature=0).choices[0].finish_reason for text in (SHORT, LONG, SHORT + "!")]
-        assert finishes.count("content_filter") == 1
 
-        def blocks_seen() -> list:
+        def blocks_seen() -> bool:
             result = prometheus.query('sae_monitor_blocks_total{job="sae-monitor"}')["data"]["result"]
-            return [r for r in result if float(r["value"][1]) >= 1]
+            return any(float(r["value"][1]) >= 1 for r in result)
 
-        assert wait_for(lambda: bool(blocks_seen()), timeout=30, interval=0.5), \
+        assert wait_for(blocks_seen, timeout=30, interval=0.5), \
             "sae_monitor_blocks_total never reached Prometheus"
-        (series,) = blocks_seen()
-        assert series["metric"]["rule"] == "long_prompt.block" and float(series["value"][1]) == 1
-        requests = prometheus.query('sum by (outcome) (sae_monitor_requests_total{job="sae-monitor"})')
-        by_outcome = {r["metric"]["outcome"]: float(r["value"][1]) for r in requests["data"]["result"]}
-        assert by_outcome["blocked"] == 1 and by_outcome["allowed"] == 2 and by_outcome["error"] == 0
-
-        # Every dashboard query is valid PromQL for this Prometheus.
-        dashboard = json.loads((EXAMPLES / "grafana-dashboard.json").read_text())
-        exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-        exprs += [a["expr"] for a in dashboard["annotations"]["list"]]
-        for expr in exprs:
-            promql = (expr.replace("$__rate_interval", "1m").replace("$__range", "5m")
-                      .replace("$job", ".*"))
-            answer = prometheus.query(promql)
-            assert answer["status"] == "success", (expr, answer)
-        rules = get_json(prometheus.url + "/api/v1/rules")["data"]["groups"]
-        assert {g["name"] for g in rules} == {"sae-monitor.recording", "sae-monitor.alerts"}
-        assert all(r["health"] != "err" for g in rules for r in g["rules"])
+        yield LiveStack(prometheus, finishes)
     finally:
         if prometheus is not None:
             prometheus.stop()
         server.stop()
         monitor.close()
+
+
+def test_prometheus_scrapes_blocks_from_a_live_server(live):
+    assert live.finish_reasons.count("content_filter") == 1
+    (series,) = live.prometheus.query('sae_monitor_blocks_total{job="sae-monitor"}')["data"]["result"]
+    assert series["metric"]["rule"] == "long_prompt.block" and float(series["value"][1]) == 1
+    requests = live.prometheus.query('sum by (outcome) (sae_monitor_requests_total{job="sae-monitor"})')
+    by_outcome = {r["metric"]["outcome"]: float(r["value"][1]) for r in requests["data"]["result"]}
+    assert by_outcome["blocked"] == 1 and by_outcome["allowed"] == 2 and by_outcome["error"] == 0
+
+
+def test_dashboard_queries_and_alert_rules_are_valid_for_prometheus(live):
+    dashboard = json.loads((EXAMPLES / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [a["expr"] for a in dashboard["annotations"]["list"]]
+    for expr in exprs:
+        promql = (expr.replace("$__rate_interval", "1m").replace("$__range", "5m")
+                  .replace("$job", ".*"))
+        answer = live.prometheus.query(promql)
+        assert answer["status"] == "success", (expr, answer)
+    rules = get_json(live.prometheus.url + "/api/v1/rules")["data"]["groups"]
+    assert {g["name"] for g in rules} == {"sae-monitor.recording", "sae-monitor.alerts"}
+    assert all(r["health"] != "err" for g in rules for r in g["rules"])
+
+
+def _load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), EXAMPLES / name)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = module  # type: ignore[union-attr]  (dataclasses look the module up)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_dashboard_preview_draws_the_live_data(live, tmp_path):
+    preview = _load_example("dashboard_preview.py")
+    dashboard = json.loads((EXAMPLES / "grafana-dashboard.json").read_text())
+    panels = {p.title: p for p in preview.collect(live.prometheus.url, dashboard, range_s=120, step_s=1)}
+    assert not [p.errors for p in panels.values() if p.errors]
+    outcomes = {s.name for s in panels["Requests per second by outcome"].series if s.points}
+    assert {"allowed", "blocked"} <= outcomes
+    assert [s.name for s in panels["Blocks per second by rule"].series] == ["long_prompt.block"]
+    (ratio,) = panels["Block ratio"].series
+    assert 0 < ratio.points[-1][1] <= 1
+    (info,) = panels["Active policy version and SAE"].rows
+    assert info["policy_version"] and info["sae"]
+    assert not panels["Steering interventions per second by rule"].has_data   # no steer rule loaded
+    page = tmp_path / "preview.html"
+    page.write_text(preview.render_html(dashboard, list(panels.values())))
+    text = page.read_text()
+    assert all(title.replace("'", "&#x27;") in text for title in panels)
+    assert text.count("<polyline") >= 3 and "No data" in text and "long_prompt.block" in text
+    if preview.chromium() is not None:
+        png = tmp_path / "preview.png"
+        preview.screenshot(page, png)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
