@@ -16,15 +16,13 @@ from pathlib import Path
 from monitor import __version__
 from monitor.errors import MonitorError
 
-ROOT_POLICIES = Path(__file__).resolve().parent.parent / "policies"
-
-
 def _present(path: Path | None) -> str:
     return "present" if path is not None and path.exists() else "missing"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from monitor import models, sae
+    from monitor.wrapper import shipped_policies_dir
 
     try:
         gguf: Path | None = models.default_model_gguf()
@@ -36,13 +34,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     except MonitorError:
         cache = None
     default_sae = sae.SHIPPED_DIR / "default"
+    try:
+        policies: Path | None = shipped_policies_dir()
+        policies_note = str(policies)
+    except MonitorError as exc:
+        policies, policies_note = None, str(exc)
     rows = [
         ("version", __version__, ""),
         ("default model", models.DEFAULT_MODEL_NAME, ""),
         ("  gguf", gguf_note, _present(gguf)),
         ("  converted cache", str(cache) if cache else "-", _present(cache)),
         ("default SAE", str(default_sae), _present(default_sae / "cfg.json")),
-        ("policies", str(ROOT_POLICIES), _present(ROOT_POLICIES)),
+        ("policies", policies_note, _present(policies)),
     ]
     if args.json:
         print(json.dumps({name.strip(): {"value": value, "status": status} for name, value, status in rows}, indent=2))

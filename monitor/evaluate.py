@@ -617,14 +617,14 @@ def monitor_for_eval(policies: str | Path | None = None, *, sae: str | Path = "d
     from monitor.models import load_model
     from monitor.policy import compile_policies, load_policies
     from monitor.sae import load_sae
-    from monitor.wrapper import REPO_POLICIES, SHIPPED_CATALOG, Monitor
+    from monitor.wrapper import SHIPPED_CATALOG, Monitor, shipped_policies_dir
 
     model_obj, tokenizer = load_model(model)
     sae_obj = load_sae(sae)
     if catalog is None and str(sae) == "default" and SHIPPED_CATALOG.is_file():
         catalog = SHIPPED_CATALOG
     cat = load_catalog(catalog, d_sae=sae_obj.cfg.d_sae) if catalog is not None else None
-    policy_set = load_policies(policies if policies is not None else REPO_POLICIES)
+    policy_set = load_policies(policies if policies is not None else shipped_policies_dir())
     compiled = compile_policies(policy_set, cat, d_sae=sae_obj.cfg.d_sae)
     return Monitor(model_obj, tokenizer, sae=sae_obj, policies=compiled, catalog=cat), policy_set
 

@@ -629,17 +629,21 @@ def _block_text(message: str, *, after_text: bool) -> str:
 
 
 REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+INSTALLED_POLICIES = Path(__file__).resolve().parent / "default_policies"
 SHIPPED_CATALOG = Path(__file__).resolve().parent / "saes" / "default" / "catalog.yaml"
 
 
-def _default_policy_dir() -> Path:
-    """The shipped policies (``policies/`` of a source checkout or editable install)."""
-    if not REPO_POLICIES.is_dir():
-        raise MonitorError(
-            f"the shipped policies were not found at {REPO_POLICIES} (they ship with the source "
-            "checkout); pass policies=PATH to wrap()/from_default(), or --policies on the CLI"
-        )
-    return REPO_POLICIES
+def shipped_policies_dir() -> Path:
+    """The shipped policies: the wheel's copy (``monitor/default_policies``) when installed,
+    else ``policies/`` of the source checkout (an editable install reads them there, so edits
+    take effect). Raises :class:`MonitorError` naming both places when neither exists."""
+    for candidate in (INSTALLED_POLICIES, REPO_POLICIES):
+        if candidate.is_dir():
+            return candidate
+    raise MonitorError(
+        f"the shipped policies were found neither at {INSTALLED_POLICIES} nor at {REPO_POLICIES}; "
+        "reinstall sae-monitor, or pass policies=PATH to wrap()/from_default() (--policies on the CLI)"
+    )
 
 
 def _from_parts(model: nn.Module, tokenizer: Any, *, sae: SAE | str | Path = "default",
@@ -653,7 +657,7 @@ def _from_parts(model: nn.Module, tokenizer: Any, *, sae: SAE | str | Path = "de
         catalog = SHIPPED_CATALOG
     cat = catalog if isinstance(catalog, Catalog) or catalog is None else load_catalog(catalog, d_sae=sae_obj.cfg.d_sae)
     if policies is None:
-        policies = _default_policy_dir()
+        policies = shipped_policies_dir()
     store = policies if isinstance(policies, (PolicyStore, CompiledPolicy)) else PolicyStore(policies, cat, sae_obj.cfg.d_sae)
     return Monitor(model, tokenizer, sae=sae_obj, policies=store, catalog=cat, **options)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from monitor.policy.cli import check_policies, run_policy_tests
-from monitor.wrapper import REPO_POLICIES
+from monitor.wrapper import shipped_policies_dir
 
 pytestmark = pytest.mark.e2e
 
 
 def test_shipped_policies_are_valid(capsys):
-    assert check_policies([str(REPO_POLICIES)]) == 0
+    assert check_policies([str(shipped_policies_dir())]) == 0
     out = capsys.readouterr().out
     for rule in ("unsafe_code.shell_execution.block", "backdoor.concealment.block", "sycophancy.caving.steer"):
         assert rule in out
@@ -22,7 +22,7 @@ def test_shipped_policy_test_cases_pass(default_model, capsys, monkeypatch):
 
     # reuse the session's loaded model instead of loading it again
     monkeypatch.setattr(monitor.models, "load_default_model", lambda **_: default_model)
-    status = run_policy_tests([str(REPO_POLICIES)])
+    status = run_policy_tests([str(shipped_policies_dir())])
     out = capsys.readouterr().out
     assert status == 0, out
     assert "0 failed" in out
