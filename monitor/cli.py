@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from monitor import __version__
-from monitor.errors import MonitorError
+from monitor.errors import DataError, MonitorError
 
 def _present(path: Path | None) -> str:
     return "present" if path is not None and path.exists() else "missing"
@@ -363,6 +363,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Arguments that name input files or directories (never the 'default' SAE or model names).
+INPUT_PATH_ARGS = ("data", "texts", "positive", "negative", "train", "catalog", "policies")
+
+
+def check_input_paths(args: argparse.Namespace) -> None:
+    """Fail on a missing input file before a command spends seconds loading the model."""
+    for name in INPUT_PATH_ARGS:
+        value = getattr(args, name, None)
+        for path in [value] if isinstance(value, str) else value or ():
+            if not Path(path).exists():
+                option = "--" + name.replace("_", "-")
+                raise DataError(f"{option} {path}: no such file or directory")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -371,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        check_input_paths(args)
         return func(args)
     except MonitorError as exc:
         print(f"sae-monitor: error: {exc}", file=sys.stderr)
