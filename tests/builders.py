@@ -67,3 +67,18 @@ def random_sae(architecture: str = "relu", d_in: int = 64, d_sae: int = 256, k: 
         sae.b_dec.copy_(torch.randn(d_in, generator=g) * 0.1)
         sae.threshold.copy_(torch.rand(d_sae, generator=g) * 0.2)
     return sae
+
+
+def tied_sae(layer: int = 2, d_in: int = 64, d_sae: int = 16, seed: int = 1):
+    """A ReLU SAE at ``blocks.{layer}.hook_resid_post`` whose decoder is its unit-norm encoder
+    transposed: latent ``i`` reads and writes the same direction, which steering tests need."""
+    from monitor.capture import HookPoint
+    from monitor.sae import SAE, SAEConfig
+
+    g = torch.Generator().manual_seed(seed)
+    sae = SAE(SAEConfig(architecture="relu", d_in=d_in, d_sae=d_sae, hook_name=HookPoint(layer).name))
+    with torch.no_grad():
+        w = torch.randn(d_in, d_sae, generator=g)
+        sae.W_enc.copy_(w / w.norm(dim=0))
+        sae.W_dec.copy_((w / w.norm(dim=0)).T)
+    return sae

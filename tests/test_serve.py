@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from monitor.capture import HookPoint
 from monitor.catalog import Catalog, FeatureEntry
 from monitor.policy import PolicyStore
-from monitor.sae import SAE, SAEConfig
+from monitor.sae import SAE
 from monitor.wrapper import Monitor
-from tests.builders import tiny_model, tiny_tokenizer
+from tests.builders import tied_sae, tiny_model, tiny_tokenizer
 
 LAYER = 2
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -80,13 +79,7 @@ def policies_yaml(*rules: str) -> str:
 
 
 def make_sae() -> SAE:
-    g = torch.Generator().manual_seed(1)
-    sae = SAE(SAEConfig(architecture="relu", d_in=64, d_sae=16, hook_name=HookPoint(LAYER).name))
-    with torch.no_grad():
-        w = torch.randn(64, 16, generator=g)
-        sae.W_enc.copy_(w / w.norm(dim=0))
-        sae.W_dec.copy_((w / w.norm(dim=0)).T)
-    return sae
+    return tied_sae(LAYER)
 
 
 def chat_tokenizer():

@@ -7,22 +7,16 @@ import torch
 
 from monitor.capture import HookPoint, capture
 from monitor.policy import compile_policies, load_policies
-from monitor.sae import SAE, SAEConfig
+from monitor.sae import SAE
 from monitor.wrapper import Blocked, Monitor, MonitorUnavailable
-from tests.builders import tiny_model
+from tests.builders import tied_sae, tiny_model
 
 LAYER = 2
 GEN = dict(max_new_tokens=8, do_sample=False)
 
 
 def make_sae() -> SAE:
-    g = torch.Generator().manual_seed(1)
-    sae = SAE(SAEConfig(architecture="relu", d_in=64, d_sae=16, hook_name=HookPoint(LAYER).name))
-    with torch.no_grad():
-        w = torch.randn(64, 16, generator=g)
-        sae.W_enc.copy_(w / w.norm(dim=0))
-        sae.W_dec.copy_((w / w.norm(dim=0)).T)
-    return sae
+    return tied_sae(LAYER)
 
 
 def policy(tmp_path, yaml_text: str, d_sae: int = 16):
@@ -59,6 +53,16 @@ def threshold_firing_at(trace, prompt_len, index):
     return float((earlier + value) / 2)
 
 
+def monitor_blocking_at(model, tok, prompt, plain, tmp_path) -> tuple[Monitor, int, float]:
+    """A Monitor whose block rule (latent 0 above ``thr``) first fires at response token
+    ``index`` of the greedy ``plain``; returns the monitor, ``index`` and ``thr``."""
+    sae = make_sae()
+    trace = latent_trace(model, sae, plain)
+    index = pick_index(trace, prompt.shape[1])
+    thr = threshold_firing_at(trace, prompt.shape[1], index)
+    return Monitor(model, tok, sae=sae, policies=policy(tmp_path, rule(above=thr)), self_test=False), index, thr
+
+
 def pick_index(trace, prompt_len):
     response = trace[prompt_len:]
     for i in range(1, len(response) - 1):
@@ -86,11 +90,7 @@ def test_quiet_policy_is_identical_to_unmonitored(setup, tmp_path):
 
 def test_block_cuts_before_the_token_that_fired(setup, tmp_path):
     model, tok, prompt, plain = setup
-    sae = make_sae()
-    trace = latent_trace(model, sae, plain)
-    index = pick_index(trace, prompt.shape[1])
-    thr = threshold_firing_at(trace, prompt.shape[1], index)
-    mon = Monitor(model, tok, sae=sae, policies=policy(tmp_path, rule(above=thr)), self_test=False)
+    mon, index, _ = monitor_blocking_at(model, tok, prompt, plain, tmp_path)
     out = mon.generate(prompt, pad_token_id=tok.pad_token_id, **GEN)
     report = mon.last_report
     assert report.outcome == "blocked" and report.blocks[0].token_index == index
@@ -163,11 +163,7 @@ def test_steering_changes_output_and_matches_with_and_without_cache(setup, tmp_p
 
 def test_stream_never_yields_blocked_token(setup, tmp_path):
     model, tok, prompt, plain = setup
-    sae = make_sae()
-    trace = latent_trace(model, sae, plain)
-    index = pick_index(trace, prompt.shape[1])
-    thr = threshold_firing_at(trace, prompt.shape[1], index)
-    mon = Monitor(model, tok, sae=sae, policies=policy(tmp_path, rule(above=thr)), self_test=False)
+    mon, index, _ = monitor_blocking_at(model, tok, prompt, plain, tmp_path)
     chunks = list(mon.stream(prompt, **GEN))
     text = "".join(chunks)
     allowed = tok.decode(plain[0, prompt.shape[1]:prompt.shape[1] + index], skip_special_tokens=True)
@@ -175,7 +171,7 @@ def test_stream_never_yields_blocked_token(setup, tmp_path):
     shown = allowed.rstrip("\ufffd")
     assert text == shown + ("\n\nBLOCKED" if shown else "BLOCKED")
     # quiet policy: the stream is the whole response
-    quiet = Monitor(model, tok, sae=sae, policies=policy(tmp_path, rule()), self_test=False)
+    quiet = Monitor(model, tok, sae=mon.sae, policies=policy(tmp_path, rule()), self_test=False)
     mon.close()
     assert "".join(quiet.stream(prompt, **GEN)) == tok.decode(plain[0, prompt.shape[1]:], skip_special_tokens=True)
     quiet.close()
@@ -183,11 +179,7 @@ def test_stream_never_yields_blocked_token(setup, tmp_path):
 
 def test_threads_get_their_own_reports(setup, tmp_path):
     model, tok, prompt, plain = setup
-    sae = make_sae()
-    trace = latent_trace(model, sae, plain)
-    index = pick_index(trace, prompt.shape[1])
-    thr = threshold_firing_at(trace, prompt.shape[1], index)
-    mon = Monitor(model, tok, sae=sae, policies=policy(tmp_path, rule(above=thr)), self_test=False)
+    mon, index, thr = monitor_blocking_at(model, tok, prompt, plain, tmp_path)
     benign = torch.tensor([[1, 2, 3]])
     results = {}
 
@@ -204,7 +196,7 @@ def test_threads_get_their_own_reports(setup, tmp_path):
     assert all(r.outcome == "blocked" and r.blocks[0].token_index == index for r in results["a"])
     with torch.no_grad():
         benign_plain = model.generate(benign, pad_token_id=tok.pad_token_id, **GEN)
-    benign_blocked = latent_trace(model, sae, benign_plain)[3:].max() > thr
+    benign_blocked = latent_trace(model, mon.sae, benign_plain)[3:].max() > thr
     assert all((r.outcome == "blocked") == bool(benign_blocked) for r in results["b"])
     mon.close()
 
