@@ -59,7 +59,7 @@ class Panel:
     unit: str = "short"
     series: tuple[Series, ...] = ()
     rows: tuple[dict[str, str], ...] = ()       # table panels: one dict of labels per series
-    errors: tuple[str, ...] = field(default=())
+    errors: tuple[str, ...] = ()
 
     @property
     def has_data(self) -> bool:

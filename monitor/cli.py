@@ -16,6 +16,7 @@ from pathlib import Path
 from monitor import __version__
 from monitor.errors import DataError, MonitorError
 
+
 def _present(path: Path | None) -> str:
     return "present" if path is not None and path.exists() else "missing"
 
