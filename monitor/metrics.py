@@ -152,11 +152,14 @@ class MonitorMetrics:
         return self
 
     def declare_rules(self, policy: CompiledPolicy) -> None:
-        """Start the series of every rule in ``policy`` at zero.
+        """Start the series of every rule and catalog feature in ``policy`` at zero.
 
         Why: a counter first scraped at 1 has no increase to Prometheus, so without this the
         first block of each rule would be invisible to ``rate()``, ``increase()`` and alerts.
         """
+        for feature in policy.features:
+            if is_catalog_feature(feature.label):
+                self.feature_activation.labels(feature=feature.label)
         for rule in policy.rules:
             for action in rule.actions or ("none",):
                 self.rule_triggers.labels(rule=rule.id, action=action, severity=rule.severity,

@@ -142,6 +142,8 @@ def test_every_rule_starts_at_zero_so_its_first_event_is_a_rate(metrics, tmp_pat
     assert metrics.registry.get_sample_value("sae_monitor_rule_triggers_total", {
         "rule": "everywhere.shadow", "action": "metric", "severity": "info", "mode": "shadow"}) == 0.0
     assert metrics.registry.get_sample_value("sae_monitor_blocks_total", {"rule": "everywhere.shadow"}) is None
+    assert metrics.registry.get_sample_value("sae_monitor_feature_activation_count",
+                                             {"feature": "test.everywhere"}) == 0.0
     assert metrics.registry.get_sample_value("sae_monitor_steering_interventions_total",
                                              {"rule": "latent1.steer"}) is None
     (tmp_path / "policies" / "p.yaml").write_text(policies_yaml(EVERYWHERE_SHADOW, STEER_FIRST))
