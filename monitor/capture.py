@@ -66,14 +66,20 @@ class HookPoint:
         return cls(layer, site)
 
 
+def resolve_path(root: Any, path: str) -> Any:
+    """``root.a.b.c`` for ``path`` "a.b.c", or None where an attribute is missing."""
+    node = root
+    for attr in path.split("."):
+        node = getattr(node, attr, None)
+        if node is None:
+            return None
+    return node
+
+
 def find_blocks(model: nn.Module) -> nn.ModuleList:
     """Return the model's list of decoder blocks, or raise naming every path searched."""
     for path in BLOCK_PATHS:
-        node: Any = model
-        for attr in path.split("."):
-            node = getattr(node, attr, None)
-            if node is None:
-                break
+        node = resolve_path(model, path)
         if isinstance(node, nn.ModuleList) and len(node) > 0:
             return node
     raise UnsupportedModelError(

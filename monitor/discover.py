@@ -124,13 +124,20 @@ def load_discovery_items(tokenizer: Any = None, *, data: Sequence[str | Path] = 
     return items
 
 
+def pair_groups(items: Sequence[LabeledText]) -> dict[str, list[int]]:
+    """Indices of ``items`` grouped so both sides of a minimal pair (same ``pair_id``) stay
+    together; an item without a pair is a group of its own. Keys in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        pid = item.meta.get("pair_id")
+        groups.setdefault(f"pair:{pid}" if pid is not None else f"item:{i}", []).append(i)
+    return groups
+
+
 def _sample(items: Sequence[LabeledText], per_label: int, seed: int) -> list[LabeledText]:
     """At most ``per_label`` items of each label, drawn at random but keeping minimal pairs
     (same ``pair_id``) together so that pair statistics stay available."""
-    groups: dict[str, list[LabeledText]] = {}
-    for i, item in enumerate(items):
-        pid = item.meta.get("pair_id")
-        groups.setdefault(f"pair:{pid}" if pid is not None else f"item:{i}", []).append(item)
+    groups = {key: [items[i] for i in idx] for key, idx in pair_groups(items).items()}
     keys = list(groups)
     random.Random(seed).shuffle(keys)
     counts: Counter[int] = Counter()

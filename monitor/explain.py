@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monitor.capture import HookPoint
+from monitor.capture import HookPoint, resolve_path
 from monitor.discover import (DiscoveryResult, LabeledText, _as_items, iter_token_activations,
                               sae_encoder)
 from monitor.errors import SAEMismatchError, UnsupportedModelError
@@ -215,12 +215,8 @@ _FINAL_NORMS = ("model.norm", "model.language_model.norm", "language_model.model
 
 def _final_norm_scale(model: nn.Module) -> torch.Tensor | None:
     for path in _FINAL_NORMS:
-        node: Any = model
-        for attr in path.split("."):
-            node = getattr(node, attr, None)
-            if node is None:
-                break
-        weight = getattr(node, "weight", None) if node is not None else None
+        node = resolve_path(model, path)
+        weight = getattr(node, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 1:
             scale = weight.detach().float()
             # Gemma's RMSNorm multiplies by (1 + weight).

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from monitor.capture import HookPoint
-from monitor.discover import LabeledText, _as_items, iter_token_activations, pooled_activations
+from monitor.discover import LabeledText, _as_items, iter_token_activations, pair_groups, pooled_activations
 from monitor.errors import CatalogError, DataError
 from monitor.stats import auroc
 
@@ -84,10 +84,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, sample_weight: torch.Tenso
 
 def _split(items: Sequence[LabeledText], holdout: float, seed: int) -> tuple[list[int], list[int]]:
     """Train and held-out indices; both sides of a ``pair_id`` land on the same side."""
-    groups: dict[str, list[int]] = {}
-    for i, item in enumerate(items):
-        pid = item.meta.get("pair_id")
-        groups.setdefault(f"pair:{pid}" if pid is not None else f"item:{i}", []).append(i)
+    groups = pair_groups(items)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
     n_test = round(len(keys) * holdout)

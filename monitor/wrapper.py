@@ -151,18 +151,17 @@ class _Request:
     # ------------------------------------------------------------------ masks
     def _mask(self, ids: torch.Tensor | None, start: int, length: int) -> torch.Tensor:
         mask = torch.ones(self.batch, length, dtype=torch.bool)
+        cols = torch.arange(start, start + length)
         if ids is not None and ids.shape[1] == length and not self.monitor.include_special_tokens:
             mask &= ~torch.isin(ids.cpu(), self.monitor._special_ids)
         if self.attention_mask is not None:
             am = self.attention_mask
-            cols = torch.arange(start, start + length)
             in_range = cols < am.shape[1]
             part = torch.ones(self.batch, length, dtype=torch.bool)
             part[:, in_range] = am[:, cols[in_range]].bool()
             mask &= part
         if not self.monitor.include_special_tokens:
             first = self._first_real_positions()
-            cols = torch.arange(start, start + length)
             mask &= cols[None, :] != first[:, None]
         return mask & ~self.stopped[:, None]
 

@@ -16,7 +16,7 @@ from monitor.evaluate import (EvalItem, RuleScorer, eval_item, evaluate, load_ev
 from monitor.policy import PolicySet, compile_policies, load_policies
 from monitor.sae import SAE, SAEConfig
 from monitor.wrapper import Monitor
-from tests.builders import tiny_model
+from tests.builders import tied_sae, tiny_model
 from tests.policy.helpers import make_catalog, rules_from_yaml
 
 LAYER = 2
@@ -35,13 +35,7 @@ LABELS_BY_RANK = [0, 1, 0, 0, 1, 1]  # ascending peak: positives at ranks 1, 4, 
 
 
 def make_sae() -> SAE:
-    g = torch.Generator().manual_seed(1)
-    sae = SAE(SAEConfig(architecture="relu", d_in=64, d_sae=D_SAE, hook_name=HookPoint(LAYER).name))
-    with torch.no_grad():
-        w = torch.randn(64, D_SAE, generator=g)
-        sae.W_enc.copy_(w / w.norm(dim=0))
-        sae.W_dec.copy_((w / w.norm(dim=0)).T)
-    return sae
+    return tied_sae(LAYER, d_sae=D_SAE)
 
 
 def rule(rule_id: str, when: str, mode: str = "enforce", scope: str = "response") -> str:

@@ -212,24 +212,21 @@ def _strip(name: str, suffixes: Sequence[str]) -> str:
     return name
 
 
+def _sibling(path: Path, own: Sequence[str], other: Sequence[str]) -> Path | None:
+    """The first existing file beside ``path`` named its stem (without an ``own`` suffix) plus
+    one of the ``other`` suffixes."""
+    stem = _strip(path.name, own)
+    return next((c for c in (path.with_name(stem + s) for s in other) if c.is_file()), None)
+
+
 def case_file_for(policy: Path) -> Path | None:
     """The test file beside ``policy`` (``x.yaml`` -> ``x.tests.yaml`` or ``.tests.yml``)."""
-    stem = _strip(policy.name, POLICY_SUFFIXES)
-    for suffix in TEST_SUFFIXES:
-        candidate = policy.with_name(stem + suffix)
-        if candidate.is_file():
-            return candidate
-    return None
+    return _sibling(policy, POLICY_SUFFIXES, TEST_SUFFIXES)
 
 
 def default_policy_for(case_file: Path) -> Path | None:
     """The policy a test file tests by default (``x.tests.yaml`` -> ``x.yaml`` or ``x.yml``)."""
-    stem = _strip(case_file.name, TEST_SUFFIXES)
-    for suffix in POLICY_SUFFIXES:
-        candidate = case_file.with_name(stem + suffix)
-        if candidate.is_file():
-            return candidate
-    return None
+    return _sibling(case_file, TEST_SUFFIXES, POLICY_SUFFIXES)
 
 
 def find_case_files(paths: str | Path | Sequence[str | Path]) -> Discovery:

@@ -5,17 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from monitor.capture import HookPoint
 from monitor.errors import PolicyError
 from monitor.policy import compile_policies
 from monitor.policy.cases import (Case, CaseFile, find_case_files, load_case_file,
                                   load_case_files, run_cases)
 from monitor.policy.loader import SourceRef
-from monitor.sae import SAE, SAEConfig
+from monitor.sae import SAE
 from monitor.wrapper import Monitor
-from tests.builders import tiny_model
+from tests.builders import tied_sae, tiny_model
 from tests.policy.helpers import write
 
 LAYER = 2
@@ -66,13 +64,7 @@ cases:
 
 
 def make_sae() -> SAE:
-    g = torch.Generator().manual_seed(1)
-    sae = SAE(SAEConfig(architecture="relu", d_in=64, d_sae=D_SAE, hook_name=HookPoint(LAYER).name))
-    with torch.no_grad():
-        w = torch.randn(64, D_SAE, generator=g)
-        sae.W_enc.copy_(w / w.norm(dim=0))
-        sae.W_dec.copy_((w / w.norm(dim=0)).T)
-    return sae
+    return tied_sae(LAYER, d_sae=D_SAE)
 
 
 @pytest.fixture(scope="module")
