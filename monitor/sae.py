@@ -164,8 +164,8 @@ class SubsetEncoder:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_cheap:
             return self.sae.encode(x)[..., self.latents]
-        pre = self.sae._encoder_input(x) @ self.W + self.b
-        return self.sae._activate(pre, self.threshold)
+        pre = self.sae.encoder_input(x) @ self.W + self.b
+        return self.sae.activate(pre, self.threshold)
 
 
 class SAE(nn.Module):
@@ -181,6 +181,9 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
         # relu and topk ignore it; jumprelu uses it per latent; batchtopk fills it with one value.
         self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype), requires_grad=False)
+        #: Where the SAE was loaded from (None when built in memory): files that belong to it,
+        #: such as its feature catalog, are looked up beside it.
+        self.source_path: Path | None = None
 
     # ----------------------------------------------------------------- encode / decode
     def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -195,11 +198,11 @@ class SAE(nn.Module):
         std = centered.std(dim=-1, keepdim=True).clamp_min(1e-5)
         return centered / std, std, mu
 
-    def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         x = self._normalize(x.to(self.W_enc.dtype))[0]
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
-    def _activate(self, pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    def activate(self, pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         arch = self.cfg.architecture
         if arch == "relu":
             return torch.relu(pre)
@@ -210,8 +213,8 @@ class SAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent activations ``[..., d_sae]`` for residual activations ``[..., d_in]``."""
-        pre = self._encoder_input(x) @ self.W_enc + self.b_enc
-        return self._activate(pre, self.threshold)
+        pre = self.encoder_input(x) @ self.W_enc + self.b_enc
+        return self.activate(pre, self.threshold)
 
     def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction ``[..., d_in]``. Per-token normalizations need the input ``x`` to undo."""
@@ -287,6 +290,12 @@ class SAE(nn.Module):
         stored precision.
         """
         path = Path(path)
+        sae = cls._load_any(path, dtype)
+        sae.source_path = path
+        return sae
+
+    @classmethod
+    def _load_any(cls, path: Path, dtype: torch.dtype | None) -> SAE:
         if path.is_file() and path.suffix == ".npz":
             return _load_gemmascope(path, dtype)
         if not path.is_dir():
@@ -412,17 +421,7 @@ def _load_gemmascope(path: Path, dtype: torch.dtype | None) -> SAE:
     return _assemble(cfg, tensors, path, dtype)
 
 
-# --------------------------------------------------------------------- fit self-test
-CALIBRATION_TEXT = (
-    "The committee met on Tuesday to review the budget. After a long discussion, they agreed "
-    "to fund the new library and to repair the bridge over the river before winter.\n"
-    "def read_config(path):\n    with open(path) as handle:\n        return json.load(handle)\n\n"
-    "User: Can you explain why the sky is blue?\nAssistant: Sunlight is scattered by the "
-    "molecules in the air, and blue light is scattered more than red light because it has a "
-    "shorter wavelength. That is why we see a blue sky during the day."
-)
-
-
+# --------------------------------------------------------------------- metrics
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Fraction of variance unexplained: ``sum |x - x_hat|^2 / sum |x - mean(x)|^2`` over tokens."""
     x = x.reshape(-1, x.shape[-1]).float()
@@ -430,58 +429,3 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     residual = (x - x_hat).pow(2).sum()
     total = (x - x.mean(dim=0)).pow(2).sum()
     return float(residual / total.clamp_min(1e-12))
-
-
-def check_fit(sae: SAE, model: nn.Module, tokenizer: Any, *, point: Any = None,
-              max_fvu: float = 0.6, text: str = CALIBRATION_TEXT) -> float:
-    """Refuse an SAE that does not reconstruct the model's activations; return its FVU.
-
-    Users most often attach an SAE to the wrong layer, hook site or model, or forget its
-    normalisation; it then silently reads noise. Encoding a short calibration text catches that
-    before any policy relies on it, in two ways: the fraction of variance unexplained must be
-    at most ``max_fvu`` (another model or normalisation gives FVU well above 1), and the SAE
-    must fit its own layer better than the blocks just before and after it (an off-by-one
-    layer fits only slightly worse, so no absolute limit could catch it).
-    """
-    from monitor.capture import HookPoint, find_blocks, forward_through
-
-    point = point if point is not None else sae.hook_point
-    point = point if isinstance(point, HookPoint) else HookPoint(int(point))
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if hidden is not None and hidden != sae.cfg.d_in:
-        raise SAEMismatchError(
-            f"SAE d_in={sae.cfg.d_in} does not match the model's hidden size {hidden}: this SAE "
-            "belongs to another model"
-        )
-    n_blocks = len(find_blocks(model))
-    if not 0 <= point.layer < n_blocks:
-        raise SAEMismatchError(f"the SAE reads layer {point.layer}, but the model has {n_blocks} blocks")
-    candidates = [point] + [HookPoint(layer, point.site) for layer in (point.layer - 1, point.layer + 1)
-                            if 0 <= layer < n_blocks]
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    scores: dict[HookPoint, float] = {}
-
-    def measure(p: HookPoint):
-        def hook(resid: torch.Tensor) -> None:
-            acts = resid[0, 1:].to(sae.W_enc.dtype)  # position 0 is an attention sink
-            acts = acts[sae.input_mask(acts)]
-            scores[p] = fvu(acts, sae(acts))
-        return hook
-
-    forward_through(model, {p: measure(p) for p in candidates}, input_ids=ids)
-    score = scores[point]
-    if not score <= max_fvu:
-        raise SAEMismatchError(
-            f"SAE self-test failed at {point.name}: fraction of variance unexplained {score:.3f} "
-            f"> limit {max_fvu}. The SAE probably belongs to another model, layer or hook site, "
-            "or expects a normalisation it is not getting. Check the layer and hook "
-            "(resid_post vs resid_pre), or raise max_fvu if this is intended."
-        )
-    better = min((p for p in candidates if p != point), key=lambda p: scores[p], default=None)
-    if better is not None and scores[better] < score:
-        raise SAEMismatchError(
-            f"SAE self-test failed: it reconstructs {better.name} (FVU {scores[better]:.3f}) better "
-            f"than {point.name}, where it is attached (FVU {score:.3f}); it was probably trained "
-            f"on layer {better.layer}. Attach it there, or fix hook_layer in its cfg.json."
-        )
-    return score

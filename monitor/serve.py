@@ -46,8 +46,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from monitor.data import token_ids
 from monitor.errors import MonitorError
 from monitor.logs import ReportLogger
-from monitor.metrics import MonitorMetrics, policy_store
-from monitor.wrapper import Blocked, Monitor, MonitorUnavailable, Report
+from monitor.metrics import MonitorMetrics
+from monitor.report import policy_store
+from monitor.errors import Blocked, MonitorUnavailable
+from monitor.report import Report
+from monitor.runtime.hf import Monitor
 
 _log = structlog.get_logger("sae_monitor")
 
@@ -538,7 +541,7 @@ def serve_model(model: str = "default", *, sae: str = "default",
 
     from monitor.audit import AuditTrail
     from monitor.logs import configure_json_logging
-    from monitor.wrapper import from_default, wrap
+    from monitor.runtime.wrap import from_default, wrap
 
     if json_logs:
         configure_json_logging(level=log_level, log_text=log_text)

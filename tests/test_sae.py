@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from monitor.errors import MonitorError, SAEFormatError, SAEMismatchError
-from monitor.sae import SAE, SAEConfig, check_fit, fvu, load_sae
+from monitor.runtime.fit import check_fit
+from monitor.sae import SAE, SAEConfig, fvu, load_sae
 from tests.builders import random_sae, tiny_model
 
 

@@ -426,12 +426,10 @@ def test_a_monitor_that_fails_closed_answers_503(tmp_path, monkeypatch):
 
     monitor = make_monitor(tmp_path, LONG_PROMPT_BLOCK, on_error="closed")
 
-    def broken(_policy):
-        def encode(_resid):
-            raise RuntimeError("SAE exploded")
-        return encode
+    def broken(self, _resid):
+        raise RuntimeError("SAE exploded")
 
-    monkeypatch.setattr(monitor, "_encoder_for", broken)
+    monkeypatch.setattr("monitor.runtime.encoder.FeatureEncoder.encode", broken)
     app = create_app(monitor)
     with ServerThread(app) as server:
         client = OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)

@@ -480,7 +480,7 @@ def run_cases(monitor: Monitor, cases: Iterable[Case], *,
 
 
 def _run_case(monitor: Monitor, case: Case, policy_set: PolicySet | None) -> CaseResult:
-    from monitor.wrapper import MonitorUnavailable
+    from monitor.errors import MonitorUnavailable
 
     try:
         report = case.scan(monitor)
