@@ -23,15 +23,18 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from monitor.catalog import Catalog, load_catalog
 from monitor.errors import CatalogError, MonitorError, PolicyError, SAEFormatError
-from monitor.policy.cases import (CaseFile, CaseResult, find_case_files, is_case_file,
-                                  load_case_files, run_cases)
-from monitor.policy.engine import compile_policies
-from monitor.policy.loader import PolicySet, load_policies, walk_conditions
+from monitor.policy.cases import CaseFile, find_case_files, is_case_file, load_case_files
+from monitor.policy.compile import compile_policies
+from monitor.policy.loader import PolicySet, load_policies
 from monitor.policy.schema import Rule
+from monitor.policy.tree import walk_conditions
+
+if TYPE_CHECKING:
+    from monitor.runtime.policy_tests import CaseResult
 
 # ============================================================================ argparse
 
@@ -285,6 +288,7 @@ def _run_files(case_files: Sequence[CaseFile], model_name: str | Path, sae_name:
                catalog: Catalog | None, d_sae: int, verbose: bool, out: TextIO,
                options: dict[str, Any]) -> list[CaseResult]:
     from monitor.models import load_model
+    from monitor.runtime.policy_tests import run_cases
     from monitor.sae import load_sae
     from monitor.wrapper import Monitor
 

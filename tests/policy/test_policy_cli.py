@@ -72,8 +72,8 @@ def test_check_reports_every_error_of_every_file_located(tmp_path):
     assert status == 1 and out == ""
     lines = err.splitlines()
     assert lines[-1] == "2 problems"
-    assert lines[0].startswith(f"{a}:12:") and "unknown key 'abvoe'" in lines[0]
-    assert lines[1].startswith(f"{b}:11:") and "'lo' is not one of" in lines[1]
+    assert lines[0].startswith(f"{a}:13:") and "unknown key 'abvoe'" in lines[0]
+    assert lines[1].startswith(f"{b}:12:") and "'lo' is not one of" in lines[1]
     assert "Traceback" not in err
 
 
