@@ -8,7 +8,8 @@ largest files and classes.
 
 A module's *floor* is 0 when it imports no other module of the package, else one more than the
 highest floor among what it imports (all runtime imports, including those inside functions: a
-lazy import is still a dependency; imports under ``if TYPE_CHECKING:`` are not). A cycle makes floors undefined and is reported.
+lazy import is still a dependency; imports under ``if TYPE_CHECKING:`` and in a module's
+PEP 562 ``__getattr__`` serving moved names are not). A cycle makes floors undefined and is reported.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def scan() -> tuple[dict[str, set[str]], list[str], dict[str, int], list[tuple[s
         typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
                        and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
                        for stmt in block.body for n in ast.walk(stmt)}
+        # a module-level __getattr__ (PEP 562) serves moved names lazily: not a dependency
+        typing_only |= {id(n) for fn in tree.body if isinstance(fn, ast.FunctionDef)
+                        and fn.name == "__getattr__" for n in ast.walk(fn)}
         for node in ast.walk(tree):
             if id(node) in typing_only:
                 continue
