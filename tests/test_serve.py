@@ -273,7 +273,7 @@ def test_generation_does_not_block_the_event_loop(tmp_path):
         client = OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
         result = {}
         caller = threading.Thread(target=lambda: result.setdefault("r", client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": SHORT}], max_tokens=4, temperature=0)))
+            model="sae-monitor", messages=[{"role": "user", "content": SHORT}], max_tokens=4, temperature=0)))
         caller.start()
         try:
             assert entered.wait(30), "the generation never reached the callback"
@@ -389,7 +389,7 @@ def test_serve_model_process_logs_audits_reloads_on_sighup_and_stops_on_sigterm(
                 return False
 
         assert wait_for(up, timeout=120, interval=0.2)
-        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": CANARY + LONG[:60]}],
+        body = json.dumps({"model": "model", "messages": [{"role": "user", "content": CANARY + LONG[:60]}],
                            "max_tokens": 4}).encode()
         status, payload = http("POST", url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
         assert status == 200 and payload["choices"][0]["finish_reason"] == "content_filter"
@@ -437,9 +437,9 @@ def test_a_monitor_that_fails_closed_answers_503(tmp_path, monkeypatch):
         client = OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
         messages = [{"role": "user", "content": SHORT}]
         with pytest.raises(openai.InternalServerError) as err:
-            client.chat.completions.create(model="m", messages=messages, max_tokens=4)
+            client.chat.completions.create(model="sae-monitor", messages=messages, max_tokens=4)
         assert err.value.status_code == 503 and err.value.code == "monitor_unavailable"
         with pytest.raises(openai.APIError, match="unavailable"):
-            list(client.chat.completions.create(model="m", messages=messages, max_tokens=4, stream=True))
+            list(client.chat.completions.create(model="sae-monitor", messages=messages, max_tokens=4, stream=True))
     assert app.state.metrics.requests.labels(outcome="error")._value.get() == 2
     monitor.close()
