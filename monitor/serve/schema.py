@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 
 def _not_bool(value: Any) -> Any:
@@ -49,7 +49,12 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    content: str | list[TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, value: str | list[TextPart]) -> str | list[TextPart]:
+        return _valid_unicode(value) if isinstance(value, str) else value
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -106,7 +111,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if not errors:
         return APIError(400, "invalid request")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # drop "body" and pydantic's union-member tags ("str", "function-after[...]")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
     if first.get("type") == "json_invalid":
         return APIError(400, "the request body is not valid JSON")
     where = ".".join(loc) or "body"
@@ -114,6 +120,10 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem(s))"
     return APIError(400, message, param=where if loc else None)
+
+
+def _is_type_tag(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list"))
 
 
 def event(body: dict[str, Any]) -> bytes:
