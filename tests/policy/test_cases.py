@@ -12,7 +12,7 @@ from monitor.policy.cases import Case, CaseFile, find_case_files, load_case_file
 from monitor.policy.loader import SourceRef
 from monitor.runtime.policy_tests import run_cases
 from monitor.sae import SAE
-from monitor.wrapper import Monitor
+from monitor.runtime.hf import Monitor
 from tests.builders import tied_sae, tiny_model
 from tests.policy.helpers import write
 
