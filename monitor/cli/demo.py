@@ -12,6 +12,7 @@ import time
 from typing import TextIO
 
 from monitor.cli.common import Parents, Subparsers
+from monitor.errors import MonitorError
 
 Prompt = str | list[dict[str, str]]
 
@@ -53,6 +54,8 @@ def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         t0 = time.time()
         reply = "".join(guard.stream(prompt, max_new_tokens=args.max_new_tokens, do_sample=False))
         report = guard.last_report
+        if report is None:  # stream() sets it once the reply is complete
+            raise MonitorError("the monitor produced no report for a demo prompt")
         print("=" * 100, file=out)
         shown = prompt if isinstance(prompt, str) else " / ".join(f"{m['role']}: {m['content']}" for m in prompt)
         print(f"prompt : {shown}", file=out)

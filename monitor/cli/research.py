@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from monitor.cli.common import Parents, Subparsers, progress_line
 from monitor.errors import MonitorError
@@ -160,7 +160,7 @@ def cmd_discover(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     result = disc.discover(model, tokenizer, sae, items, top=args.top, direction=args.direction,
                            ctx=args.ctx, batch_size=args.batch_size,
                            progress=progress_line(err, "texts", quiet))
-    report: dict = {"sae": sae_id, **result.to_dict()}
+    report: dict[str, Any] = {"sae": sae_id, **result.to_dict()}
     if not args.json:
         print(result.table("markdown" if args.markdown else "terminal"), file=out)
     if args.fit_on:
