@@ -20,7 +20,9 @@ TOOLS = ROOT / "tools"
 
 
 def run(name: str, *args: str, where: Path = EXAMPLES) -> str:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # the checkout under test, even where the installed package is another copy
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, str(where / name), *args], capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
