@@ -92,24 +92,3 @@ def test_shared_options_mean_the_same_in_every_command():
     assert (evl.json, evl.catalog, evl.limit, evl.model, evl.sae) == (True, "c.yaml", 3, "default", "default")
     test = parser.parse_args(["policy", "test", "p.yaml", "--catalog", "c.yaml"])
     assert (test.model, test.sae, test.catalog) == ("default", "default", "c.yaml")
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["discover", "--data", "{tmp}/labeled.jsonl", "--name", "3=a.b"], "give --out CATALOG.yaml"),
-    (["discover", "--data", "{tmp}/labeled.jsonl", "--out", "{tmp}/c.yaml"], "--out needs features"),
-    (["discover", "--data", "{tmp}/labeled.jsonl", "--out", "{tmp}/c.yaml", "--name", "x=a.b"],
-     "expected LATENT=NAME"),
-])
-def test_discover_rejects_bad_catalog_options_before_the_model_loads(argv, message, tmp_path,
-                                                                       monkeypatch):
-    import monitor.models
-
-    def no_model(*_args, **_kwargs):
-        raise AssertionError("the model was loaded before the options were checked")
-
-    monkeypatch.setattr(monitor.models, "load_model", no_model)
-    (tmp_path / "labeled.jsonl").write_text('{"text": "x", "label": 1}\n')
-    out, err = io.StringIO(), io.StringIO()
-    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv], out=out, err=err) == 2
-    assert err.getvalue().startswith("sae-monitor: error: ") and message in err.getvalue()
-    assert out.getvalue() == "" and len(err.getvalue().splitlines()) == 1
