@@ -13,7 +13,7 @@ from monitor.policy.loader import SourceRef
 from monitor.runtime.policy_tests import run_cases
 from monitor.sae import SAE
 from monitor.runtime.hf import Monitor
-from tests.builders import tied_sae, tiny_model
+from monitor.testing import tied_sae, tiny_model
 from tests.policy.helpers import write
 
 LAYER = 2
@@ -308,7 +308,7 @@ def test_expected_rules_missing_from_the_monitor_policy_fail_the_case(tmp_path, 
 
 
 def _chat_tokenizer():
-    from tests.builders import tiny_tokenizer
+    from monitor.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
