@@ -83,7 +83,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, sample_weight: torch.Tenso
     return weight.contiguous(), b_z - float((mean / sd) @ w_z)
 
 
-def _split(items: Sequence[LabeledText], holdout: float, seed: int) -> tuple[list[int], list[int]]:
+def holdout_split(items: Sequence[LabeledText], holdout: float, seed: int) -> tuple[list[int], list[int]]:
     """Train and held-out indices; both sides of a ``pair_id`` land on the same side."""
     groups = pair_groups(items)
     keys = sorted(groups)
@@ -139,7 +139,7 @@ def fit_probe(model: nn.Module, tokenizer: Any, items: Sequence[LabeledText], po
     scored with the run-time rule; their AUROC is ``evidence["auroc_heldout"]``.
     """
     items = list(items)
-    train_idx, test_idx = _split(items, holdout, seed) if holdout > 0 else (list(range(len(items))), [])
+    train_idx, test_idx = holdout_split(items, holdout, seed) if holdout > 0 else (list(range(len(items))), [])
     train = [items[i] for i in train_idx]
     labels = torch.tensor([item.label for item in train])
     if not (labels == 1).any() or not (labels == 0).any():
