@@ -111,3 +111,16 @@ def test_default_model_batched_equals_one_at_a_time(default_model):
     dense = pool_windows(model, wins, {sae.hook_point: identity}, pool=mean_max_pool, batch_size=4,
                          pad_id=tok.pad_token_id or 0)[sae.hook_point]
     torch.testing.assert_close(dense, one_at_a_time(model, wins, identity, sae.hook_point), rtol=1e-4, atol=1e-4)
+
+
+def test_forward_stops_after_the_deepest_hooked_block():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    ran = []
+    blocks = model.model.layers
+    handles = [blocks[n].register_forward_hook(lambda *_a, n=n: ran.append(n)) for n in range(len(blocks))]
+    try:
+        pool_windows(model, windows(tok)[:3], {HookPoint(1): identity}, batch_size=2)
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(ran) == {0, 1}                     # blocks 2 and 3 and the LM head never ran
