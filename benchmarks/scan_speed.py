@@ -29,6 +29,7 @@ import argparse
 import json
 import platform
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -154,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for name in (names if c % 2 == 0 else names[::-1]):
             took, out = timed(lambda: modes[name](chunk))
             seconds[name] += took
+            print(f"chunk {c + 1}/{len(chunks)} {name}: {len(chunk)} items in {took:.1f} s",
+                  file=sys.stderr, flush=True)
             if name == "scan, one at a time":
                 reports.update(zip(chunk, out))
             elif name == "extraction, batched":

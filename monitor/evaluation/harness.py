@@ -118,7 +118,10 @@ class _Row:
 
 
 def _scan_one(monitor: Any, item: EvalItem) -> tuple[Any, str | None]:
-    from monitor.wrapper import MonitorUnavailable
+    try:
+        from monitor.errors import MonitorUnavailable  # type: ignore[attr-defined]
+    except ImportError:  # before the runtime refactor moved it
+        from monitor.wrapper import MonitorUnavailable
 
     try:
         report = monitor.scan(item.transcript if isinstance(item.transcript, str) else list(item.transcript),
@@ -131,7 +134,8 @@ def _scan_one(monitor: Any, item: EvalItem) -> tuple[Any, str | None]:
 def scan_reports(monitor: Any, items: Sequence[EvalItem], *, batch_size: int = 8,
                  progress: Progress | None = None) -> list[tuple[Any, str | None]]:
     """``(report, error)`` per item from the monitor's teacher-forced scan (error: why the
-    monitor failed open or refused, else None). The one place eval calls the monitor."""
+    monitor failed open or refused, else None). The one place eval calls the monitor: when
+    ``Monitor.scan_many`` (batched) lands, it replaces the loop below."""
     out = []
     for item in items:
         out.append(_scan_one(monitor, item))

@@ -184,7 +184,18 @@ def test_run_eval_end_to_end_from_files(tmp_path, tiny_tokenizer):
     assert out["n_items"] == 4 and category["measures"][0]["n"] == 4
     table = run_eval(data, policies=policy_dir, sae=sae_dir, model=str(model_dir), progress=None)
     assert table.startswith("## Evaluation on data.jsonl") and "| unsafe_code | policy (1 enforce, 0 shadow rules) | 6 (3/3)" in table
-
+    # The transfer options, from files: sources, leave-one-source-out, a benign file.
+    sourced = tmp_path / "sourced.jsonl"
+    sourced.write_text("".join(json.dumps(r) + "\n" for r in transfer_rows()))
+    benign = tmp_path / "benign.jsonl"
+    benign.write_text("".join(json.dumps({"text": b["text"]}) + "\n" for b in BENIGN))
+    out = json.loads(run_eval(sourced, policies=policy_dir, sae=sae_dir, model=str(model_dir), as_json=True,
+                              leave_one_out="source", benign=benign, batch_size=3))
+    (category,) = out["categories"]
+    assert out["benign_items"] == 6 and out["leave_one_out"] == "source" and out["group_by"] == "source"
+    assert [g["group"] for g in category["groups"]] == ["a/x", "b/y"]
+    loso = next(m for m in category["measures"] if m["scorer"].startswith("probe, leave-one-source-out"))
+    assert loso["n"] == 16 and loso["benign"] == 6 and loso["pairs"]["pairs"] == 8
 
 
 
