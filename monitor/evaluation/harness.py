@@ -28,7 +28,7 @@ import torch
 from monitor.activations import Progress
 from monitor.errors import DataError
 from monitor.evaluation import baselines
-from monitor.evaluation.items import EvalItem, as_eval_items, group_of
+from monitor.evaluation.items import EvalItem, as_eval_items, check_group_key, group_of
 from monitor.evaluation.measures import Detection, Measures
 from monitor.evaluation.scoring import RuleScorer, rule_categories, rule_conditions
 from monitor.evaluation.transfer import leave_one_group_out
@@ -177,6 +177,9 @@ def evaluate(monitor: Any, items: Sequence[EvalItem | Mapping[str, Any]], *,
     every measure per value of that field too. ``progress(done, total)`` counts items over all
     phases.
     """
+    for key, option in ((group_by, "group_by"), (leave_one_out, "leave_one_out")):
+        if key is not None:
+            check_group_key(key, option)
     tokenizer = monitor.tokenizer
     items = as_eval_items(items, tokenizer)
     benign = as_eval_items(benign_items, tokenizer, "benign item")

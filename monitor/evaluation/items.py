@@ -60,6 +60,16 @@ class EvalItem:
     fields: Mapping[str, str] = field(default_factory=dict)
 
 
+GROUP_KEYS = ("source", "category", "label", "id", *GROUP_FIELDS)
+
+
+def check_group_key(key: str, option: str = "group_by") -> str:
+    """``key`` if items can be grouped by it, else a :class:`DataError` listing the fields."""
+    if key not in GROUP_KEYS:
+        raise DataError(f"{option}: cannot group by {key!r}; choose one of {', '.join(GROUP_KEYS)}")
+    return key
+
+
 def group_of(item: EvalItem, key: str) -> str:
     """``item``'s value of ``key`` (``source``, ``category``, ``label``, ``id`` or a row field
     such as ``language``); "" when the row had none."""

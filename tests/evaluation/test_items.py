@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-from monitor.evaluation.items import EvalItem, eval_item, group_of, load_eval_items
+import pytest
+
+from monitor.errors import DataError
+from monitor.evaluation.items import EvalItem, check_group_key, eval_item, group_of, load_eval_items
 
 
 def test_scope_mapping_of_rows():
@@ -49,3 +52,6 @@ def test_group_of_reads_source_and_row_fields():
     assert (item.source, item.pair_id) == ("eth-sri/sven", "7")
     assert [group_of(item, k) for k in ("source", "category", "language", "cwe", "label", "subtype")] == \
         ["eth-sri/sven", "unsafe_code", "python", "CWE-89", "1", ""]
+    assert check_group_key("cwe") == "cwe"
+    with pytest.raises(DataError, match="cannot group by 'sorce'; choose one of source, category"):
+        check_group_key("sorce")
