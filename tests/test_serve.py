@@ -61,6 +61,7 @@ STEER_FIRST = """
     severity: medium
     scope: response
     when: {latent: 1, above: -1.0}
+    allow_always_true: true
     actions: [log, {steer: {latent: 1, clamp: 0.0, duration: rest_of_response}}]
 """
 RAW_LATENT_SHADOW = """

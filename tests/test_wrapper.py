@@ -27,7 +27,8 @@ def policy(tmp_path, yaml_text: str, d_sae: int = 16):
 
 def rule(rule_id="r", latent=0, above=1e9, scope="response", actions="[log, {block: {message: BLOCKED}}]", mode="enforce"):
     return (f"version: '1'\nrules:\n  - id: {rule_id}\n    description: test\n    severity: high\n    mode: {mode}\n"
-            f"    scope: {scope}\n    when: {{latent: {latent}, above: {above}}}\n    actions: {actions}\n")
+            f"    scope: {scope}\n    when: {{latent: {latent}, above: {above}}}\n    actions: {actions}\n"
+            + ("    allow_always_true: true\n" if above < 0 else ""))  # latents are >= 0
 
 
 @pytest.fixture
