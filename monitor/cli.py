@@ -23,7 +23,7 @@ def _present(path: Path | None) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from monitor import models, sae
-    from monitor.wrapper import shipped_policies_dir
+    from monitor.shipped import shipped_policies_dir
 
     try:
         gguf: Path | None = models.default_model_gguf()

@@ -27,7 +27,7 @@ def _row(cells: list[str], widths: list[int]) -> str:
 
 
 def main() -> int:
-    from monitor.wrapper import from_default
+    from monitor.runtime.wrap import from_default
 
     started = time.time()
     guard = from_default()

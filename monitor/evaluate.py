@@ -350,7 +350,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _scan(monitor: Any, item: EvalItem) -> tuple[Any, str | None]:
-    from monitor.wrapper import MonitorUnavailable
+    from monitor.errors import MonitorUnavailable
 
     try:
         report = monitor.scan(item.transcript if isinstance(item.transcript, str) else list(item.transcript),

@@ -15,7 +15,7 @@ import torch
 
 from monitor.audit import AuditTrail, decisions
 from monitor.policy import Hit, SteerDirective
-from monitor.wrapper import BlockInfo, Report
+from monitor.report import BlockInfo, Report
 from tests.test_serve import LONG, LONG_PROMPT_BLOCK, SHORT, STEER_FIRST, make_monitor
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from monitor.evaluate import (EvalItem, RuleScorer, eval_item, evaluate, load_ev
                               rule_categories)
 from monitor.policy import PolicySet, compile_policies, load_policies
 from monitor.sae import SAE, SAEConfig
-from monitor.wrapper import Monitor
+from monitor.runtime.hf import Monitor
 from tests.builders import tied_sae, tiny_model
 from tests.policy.helpers import make_catalog, rules_from_yaml
 

@@ -2,7 +2,7 @@
 
 The case file format (parsing, validation, discovery) is :mod:`monitor.policy.cases`, which needs
 no model; this module is the part that does. :func:`run_cases` runs cases on any
-:class:`~monitor.wrapper.Monitor` (a tiny one in tests) with ``Monitor.scan`` (teacher-forced, so
+:class:`~monitor.runtime.hf.Monitor` (a tiny one in tests) with ``Monitor.scan`` (teacher-forced, so
 results are deterministic) and returns one :class:`CaseResult` per case whose ``failures`` say,
 in words, which expectation failed and why: the peak activation of a rule's features against its
 threshold when it did not fire (thresholds as the compiled policy resolved them,
@@ -21,7 +21,9 @@ from monitor.policy.compiled import CompiledRule, ResolvedLeaf
 from monitor.policy.engine import CompiledPolicy
 from monitor.policy.loader import PolicySet
 from monitor.policy.schema import Rule
-from monitor.wrapper import Monitor, MonitorUnavailable, Report
+from monitor.errors import MonitorUnavailable
+from monitor.report import Report
+from monitor.runtime.hf import Monitor
 
 
 def scan_case(monitor: Monitor, case: Case) -> Report:

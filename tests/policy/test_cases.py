@@ -13,7 +13,7 @@ from monitor.policy.cases import Case, find_case_files, load_case_file, load_cas
 from monitor.policy.loader import SourceRef
 from monitor.sae import SAE
 from monitor.yaml_source import MAX_DEPTH
-from tests.builders import tied_sae
+from monitor.testing import tied_sae
 from tests.policy.helpers import write
 from tests.test_yaml_source import ALIAS_BOMB
 

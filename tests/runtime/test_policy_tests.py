@@ -9,8 +9,8 @@ from monitor.policy import compile_policies
 from monitor.policy.cases import Case, CaseFile, load_case_file
 from monitor.policy.loader import SourceRef
 from monitor.runtime.policy_tests import run_cases
-from monitor.wrapper import Monitor
-from tests.builders import tiny_model
+from monitor.runtime.hf import Monitor
+from monitor.testing import tiny_model
 from tests.policy.helpers import write
 from tests.policy.test_cases import D_SAE, LAYER, POLICY, TESTS, make_sae
 
@@ -119,7 +119,7 @@ def test_expected_rules_missing_from_the_monitor_policy_fail_the_case(tmp_path, 
 
 
 def _chat_tokenizer():
-    from tests.builders import tiny_tokenizer
+    from monitor.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
