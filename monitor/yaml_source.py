@@ -56,6 +56,18 @@ class Position:
     column: int
 
 
+@dataclass(frozen=True)
+class SourceRef:
+    """Where something was defined: ``path:line:column`` (1-based)."""
+
+    path: str
+    line: int
+    column: int
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}:{self.column}"
+
+
 class YamlDocumentError(MonitorError):
     """A YAML file cannot be used; ``message`` names the file and, where known, line:column.
 
