@@ -107,10 +107,18 @@ class PolicySet:
 
 
 def _version_id(files: Sequence[LoadedFile], rules: Sequence[Rule]) -> str:
-    doc = {"versions": [f.version for f in files],
-           "rules": [r.model_dump(mode="json", by_alias=True) for r in rules]}
+    doc = {"versions": [f.version for f in files], "rules": [_hashed(r) for r in rules]}
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _hashed(rule: Rule) -> dict:
+    """The rule as hashed: ``allow_always_true`` only when set, so ids from before the key
+    existed do not change."""
+    data = rule.model_dump(mode="json", by_alias=True)
+    if not data.get("allow_always_true"):
+        data.pop("allow_always_true", None)
+    return data
 
 
 def policy_files(paths: str | Path | Sequence[str | Path]) -> tuple[list[Path], list[str]]:

@@ -304,3 +304,8 @@ def test_unreadable_entries_of_a_policy_directory_are_errors_not_omissions(tmp_p
     assert "is a directory, not a policy file" in text
     with pytest.raises(PolicyError, match="broken symbolic link"):
         load_policies(tmp_path / "dangling.yaml")  # named directly too
+
+
+def test_version_ids_of_existing_policies_are_unchanged(tmp_path):
+    # Computed with the loader before `allow_always_true` existed; audit logs key on it.
+    assert load_policies(write(tmp_path, "p.yaml", EXAMPLE)).version_id == "1a9bc5690527f10a"
