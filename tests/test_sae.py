@@ -12,7 +12,7 @@ from monitor.capture import HookPoint
 from monitor.errors import MonitorError, SAEFormatError, SAEMismatchError
 from monitor.runtime.fit import check_fit
 from monitor.sae import SAE, SAEConfig, fvu, load_sae
-from tests.builders import random_sae, tiny_model
+from monitor.testing import random_sae, tiny_model
 
 
 def hand_sae(architecture: str, **kw) -> SAE:

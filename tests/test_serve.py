@@ -23,7 +23,7 @@ from monitor.catalog import Catalog, FeatureEntry
 from monitor.policy import PolicyStore
 from monitor.sae import SAE
 from monitor.runtime.hf import Monitor
-from tests.builders import tied_sae, tiny_model, tiny_tokenizer
+from monitor.testing import tied_sae, tiny_model, tiny_tokenizer
 
 LAYER = 2
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
