@@ -62,7 +62,6 @@ STEER_FIRST = """
     scope: response
     allow_always_true: true
     when: {latent: 1, above: -1.0}
-    allow_always_true: true
     actions: [log, {steer: {latent: 1, clamp: 0.0, duration: rest_of_response}}]
 """
 RAW_LATENT_SHADOW = """
