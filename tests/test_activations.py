@@ -15,7 +15,7 @@ from monitor.activations import (LabeledText, as_items, identity, iter_token_act
                                  max_pool, mean_max_pool, pair_groups, pool_windows, pooled_activations,
                                  sae_encoder, token_window)
 from monitor.capture import HookPoint, capture
-from tests.builders import random_sae, tiny_model, tiny_tokenizer
+from monitor.testing import random_sae, tiny_model, tiny_tokenizer
 
 TEXTS = ["short one", "a somewhat longer text with more tokens in it than the others",
          "mid length text here", "x" * 90, "def f(x):\n    return x + 1\n", "q"]

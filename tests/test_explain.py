@@ -9,7 +9,7 @@ from monitor.explain import (Context, Histogram, LogitEffects, context_text, exa
                              format_context, format_contexts, format_logit_effects, logit_effects,
                              scan_latents, token_pieces, top_contexts)
 from monitor.errors import SAEMismatchError
-from tests.builders import random_sae, tiny_model, tiny_tokenizer
+from monitor.testing import random_sae, tiny_model, tiny_tokenizer
 from tests.test_discover import POINT, VALUE, dialogue_rows, planted_sae
 
 TEXTS = ["the cat sat on a mat and then Z went home", "nothing here at all", "ab Z",

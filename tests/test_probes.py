@@ -12,7 +12,7 @@ from monitor.discover import labeled_item
 from monitor.errors import CatalogError, DataError
 from monitor.probes import Probe, fit_logistic, fit_probe, probe_entry, probe_scores, save_probe
 from monitor.stats import auroc
-from tests.builders import tiny_model, tiny_tokenizer
+from monitor.testing import tiny_model, tiny_tokenizer
 from tests.test_discover import POINT, words
 
 

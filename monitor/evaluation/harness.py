@@ -117,31 +117,25 @@ class _Row:
     peaks: Mapping[str, float]
 
 
-def _scan_one(monitor: Any, item: EvalItem) -> tuple[Any, str | None]:
-    try:
-        from monitor.errors import MonitorUnavailable  # type: ignore[attr-defined]
-    except ImportError:  # before the runtime refactor moved it
-        from monitor.wrapper import MonitorUnavailable
-
-    try:
-        report = monitor.scan(item.transcript if isinstance(item.transcript, str) else list(item.transcript),
-                              prompt=item.prompt)
-    except MonitorUnavailable as exc:
-        return exc.report, str(exc)
-    return report, (report.error if report.failed_open else None)
-
-
 def scan_reports(monitor: Any, items: Sequence[EvalItem], *, batch_size: int = 8,
                  progress: Progress | None = None) -> list[tuple[Any, str | None]]:
     """``(report, error)`` per item from the monitor's teacher-forced scan (error: why the
-    monitor failed open or refused, else None). The one place eval calls the monitor: when
-    ``Monitor.scan_many`` (batched) lands, it replaces the loop below."""
-    out = []
-    for item in items:
-        out.append(_scan_one(monitor, item))
+    monitor failed open or refused, else None). The one place eval calls the monitor:
+    :meth:`Monitor.scan_many`, batched by length and stopped after the SAE's layer, whose
+    per-item reports equal one ``scan`` per item."""
+    from monitor.runtime.scan import ScanItem
+
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
         if progress:
-            progress(len(out), len(items))
-    return out
+            progress(done, len(items))
+
+    reports = monitor.scan_many([ScanItem(i.transcript, i.prompt) for i in items], batch_size=batch_size,
+                                progress=step)
+    return [(report, report.error) for report in reports]
 
 
 class _Steps:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.activations import Window, labeled_item
-from monitor.data import read_jsonl, token_ids
+from monitor.data import read_jsonl
 from monitor.errors import DataError
 
 # Row fields kept for grouping (``--group-by``) besides ``source`` and ``category``.
@@ -156,19 +156,11 @@ def as_eval_items(items: Sequence[EvalItem | Mapping[str, Any]], tokenizer: Any,
 
 def scan_ids(tokenizer: Any, text: str | Sequence[Mapping[str, str]], prompt: str | None = None
              ) -> tuple[list[int], int]:
-    """``(ids, prompt_len)`` exactly as :meth:`Monitor.scan` tokenises ``text``/``prompt``:
-    the response is ``ids[prompt_len:]``. Kept in step with ``Monitor.scan`` by a test."""
-    if isinstance(text, str):
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
-        response_ids = tokenizer(text, add_special_tokens=not prompt)["input_ids"]
-    else:
-        messages = [dict(m) for m in text]
-        if messages and messages[-1].get("role") == "assistant":
-            prompt_ids = token_ids(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True,
-                                                               tokenize=True))
-            response_ids = token_ids(tokenizer.apply_chat_template(messages, tokenize=True))[len(prompt_ids):]
-        else:
-            prompt_ids, response_ids = token_ids(tokenizer.apply_chat_template(messages, tokenize=True)), []
+    """``(ids, prompt_len)`` exactly as :meth:`Monitor.scan` tokenises ``text``/``prompt``
+    (:func:`monitor.runtime.scan.scan_token_ids`): the response is ``ids[prompt_len:]``."""
+    from monitor.runtime.scan import ScanItem, scan_token_ids
+
+    prompt_ids, response_ids = scan_token_ids(tokenizer, ScanItem(text, prompt))
     return list(prompt_ids) + list(response_ids), len(prompt_ids)
 
 

@@ -21,7 +21,8 @@ def monitor_for_eval(policies: str | Path | None = None, *, sae: str | Path = "d
     from monitor.models import load_model
     from monitor.policy import compile_policies, load_policies
     from monitor.sae import load_sae
-    from monitor.wrapper import SHIPPED_CATALOG, Monitor, shipped_policies_dir
+    from monitor.runtime.hf import Monitor
+    from monitor.shipped import SHIPPED_CATALOG, shipped_policies_dir
 
     model_obj, tokenizer = load_model(model)
     sae_obj = load_sae(sae)

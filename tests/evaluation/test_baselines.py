@@ -9,8 +9,8 @@ from monitor.capture import HookPoint, capture
 from monitor.policy import compile_policies, load_policies
 from monitor.sae import SAE, SAEConfig
 from monitor.stats import auroc
-from monitor.wrapper import Monitor
-from tests.builders import tiny_model, tiny_tokenizer
+from monitor.runtime.hf import Monitor
+from monitor.testing import tiny_model, tiny_tokenizer
 
 LAYER = 2
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

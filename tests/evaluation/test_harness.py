@@ -13,8 +13,8 @@ from monitor.errors import MonitorError
 from monitor.evaluation import evaluate, render_markdown, run_eval
 from monitor.policy import load_policies
 from monitor.sae import SAE, SAEConfig
-from monitor.wrapper import Monitor
-from tests.builders import tied_sae, tiny_model
+from monitor.runtime.hf import Monitor
+from monitor.testing import tied_sae, tiny_model
 from monitor.policy import compile_policies
 
 LAYER = 2
