@@ -192,6 +192,12 @@ def mean_max_pool(acts: torch.Tensor, scope: torch.Tensor) -> torch.Tensor:
     return torch.where(scope.any(dim=1)[:, None], out, torch.zeros_like(out))
 
 
+def progress_callback(progress: Progress | bool | None) -> Progress | None:
+    """``progress`` if it is a callback, else None: the old ``progress=True/False`` flags of
+    the research functions (which printed) now mean no progress; pass a callback instead."""
+    return progress if callable(progress) else None
+
+
 def identity(resid: torch.Tensor) -> torch.Tensor:
     """The residual itself, as float32 (an :data:`Encoder` for dense read-outs)."""
     return resid.float()
