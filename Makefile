@@ -55,7 +55,7 @@ system-deps:
 	    { echo "apt-get installed $(SYSTEM_PACKAGES) but $$cmd is still not on PATH" >&2; exit 1; }; done
 
 demo: install
-	$(PY) -m monitor.demo
+	$(VENV)/bin/sae-monitor demo
 
 test: install system-deps
 	$(PY) -m pytest -q

@@ -128,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              else list(items[i].transcript), prompt=items[i].prompt) for i in chunk]
 
     def scan_many(chunk: list[int]) -> list[Any]:
-        return monitor.scan_many([ScanItem(items[i].transcript, items[i].prompt) for i in chunk],
+        return monitor.scan_many([ScanItem(items[i].transcript if isinstance(items[i].transcript, str)
+                                           else list(items[i].transcript), items[i].prompt) for i in chunk],
                                  batch_size=args.batch_size)
 
     def extract(batch_size: int) -> Callable[[list[int]], torch.Tensor]:

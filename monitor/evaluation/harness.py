@@ -119,23 +119,22 @@ class _Row:
 
 def scan_reports(monitor: Any, items: Sequence[EvalItem], *, batch_size: int = 8,
                  progress: Progress | None = None) -> list[tuple[Any, str | None]]:
-    """``(report, error)`` per item from the monitor's teacher-forced scan (error: why the
-    monitor failed open or refused, else None). The one place eval calls the monitor:
-    :meth:`Monitor.scan_many`, batched by length and stopped after the SAE's layer, whose
-    per-item reports equal one ``scan`` per item."""
+    """``(report, error)`` per item from the monitor's batched teacher-forced scan
+    (``Monitor.scan_many``; error: why the monitor failed open or refused, else None)."""
     from monitor.runtime.scan import ScanItem
 
+    scan_items = [ScanItem(item.transcript if isinstance(item.transcript, str) else list(item.transcript),
+                           item.prompt) for item in items]
     done = 0
 
-    def step(n: int) -> None:
+    def advance(n: int) -> None:
         nonlocal done
         done += n
         if progress:
             progress(done, len(items))
 
-    reports = monitor.scan_many([ScanItem(i.transcript, i.prompt) for i in items], batch_size=batch_size,
-                                progress=step)
-    return [(report, report.error) for report in reports]
+    reports = monitor.scan_many(scan_items, batch_size=batch_size, progress=advance)
+    return [(r, r.error if (r.error and (r.failed_open or r.outcome == "error")) else None) for r in reports]
 
 
 class _Steps:

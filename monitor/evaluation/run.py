@@ -22,12 +22,12 @@ def monitor_for_eval(policies: str | Path | None = None, *, sae: str | Path = "d
     from monitor.policy import compile_policies, load_policies
     from monitor.sae import load_sae
     from monitor.runtime.hf import Monitor
-    from monitor.shipped import SHIPPED_CATALOG, shipped_policies_dir
+    from monitor.shipped import catalog_beside, shipped_policies_dir
 
     model_obj, tokenizer = load_model(model)
     sae_obj = load_sae(sae)
-    if catalog is None and str(sae) == "default" and SHIPPED_CATALOG.is_file():
-        catalog = SHIPPED_CATALOG
+    if catalog is None:
+        catalog = catalog_beside(sae)
     cat = load_catalog(catalog, d_sae=sae_obj.cfg.d_sae) if catalog is not None else None
     policy_set = load_policies(policies if policies is not None else shipped_policies_dir())
     compiled = compile_policies(policy_set, cat, d_sae=sae_obj.cfg.d_sae)
