@@ -361,7 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
     from monitor.policy.cli import add_parser as add_policy_parser
 
     add_policy_parser(sub)
+    _add_backtest(sub)  # temporary hook (backtest branch) until monitor/cli/ is a package
     return parser
+
+
+def _add_backtest(sub: argparse._SubParsersAction) -> None:
+    """Load monitor/cli/backtest.py by path (monitor.cli is still a module here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("monitor._cli_backtest", Path(__file__).parent / "cli" / "backtest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.add_parser(sub).set_defaults(func=lambda args: module.cmd_backtest(args, sys.stdout, sys.stderr))
 
 
 # Arguments that name input files or directories (never the 'default' SAE or model names).

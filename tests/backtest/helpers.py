@@ -1,0 +1,56 @@
+"""Shared pieces of the backtest tests: a tiny chat model (Parts), policy files, conversations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from monitor.backtest.run import Parts
+from tests.builders import tied_sae, tiny_model, tiny_tokenizer
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LAYER = 2
+DATA = Path(__file__).parent / "data" / "conversations.jsonl"
+
+
+def tiny_parts() -> Parts:
+    """A tiny llama (context 128) with a ChatML template and a tied SAE at layer 2. Importable
+    by Ray workers (module-level), deterministic (seeded builders)."""
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return Parts(tiny_model("llama"), tok, tied_sae(LAYER), None)
+
+
+def rule_yaml(rule_id: str, latent: int, above: float, *, scope: str = "response",
+              actions: str = "[log, {block: {message: BLOCKED}}]", mode: str = "enforce") -> str:
+    return (f"  - id: {rule_id}\n    description: test\n    severity: high\n    mode: {mode}\n"
+            f"    scope: {scope}\n    when: {{latent: {latent}, above: {above}}}\n    actions: {actions}\n")
+
+
+def write_policy(directory: Path, *rules: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "p.yaml").write_text("version: '1'\nrules:\n" + "".join(rules))
+    return directory
+
+
+def short_conversations(n: int = 24) -> list[dict]:
+    """Short multi-turn chats that fit the tiny model's 128-token context."""
+    words = ["ls -la", "rm -rf /", "hello", "sql", "eval(x)", "thanks", "why?", "ok", "password=1234", "sure"]
+    out = []
+    for i in range(n):
+        turns = 1 + i % 3
+        msgs = []
+        for t in range(turns):
+            msgs.append({"role": "user", "content": f"{words[(i + t) % 10]} {i}"})
+            msgs.append({"role": "assistant", "content": f"{words[(i * 3 + t) % 10]} r{t}"})
+        out.append({"id": f"c{i}", "messages": msgs})
+    return out
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
