@@ -105,11 +105,23 @@ class ResultStore:
         self.chunks.mkdir(parents=True, exist_ok=True)
         if not run.is_file():
             _fsync_write(run, json.dumps({"versions": self.versions}, indent=2).encode())
+        self._drop_torn_tail()
         self._done, committed = self._read_manifest()
         for stray in self.chunks.iterdir():  # uncommitted leftovers of a killed run
             if stray.name not in committed:
                 stray.unlink()
         self._next = 1 + max((int(n.split("-")[1].split(".")[0]) for n in committed), default=-1)
+
+    def _drop_torn_tail(self) -> None:
+        """Cut a last manifest line that a kill left without its newline (its chunk never
+        committed), so the next line is appended whole."""
+        if not self.manifest.is_file():
+            return
+        data = self.manifest.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.manifest, "r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+                os.fsync(handle.fileno())
 
     def _read_manifest(self) -> tuple[set[str], set[str]]:
         done: set[str] = set()

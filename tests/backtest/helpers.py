@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from monitor.backtest.run import Parts
+from monitor.capture import capture
+from monitor.data import token_ids
 from tests.builders import tied_sae, tiny_model, tiny_tokenizer
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -54,3 +58,15 @@ def write_jsonl(path: Path, rows: list) -> Path:
         for r in rows:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return path
+
+
+@torch.no_grad()
+def quantile_threshold(parts: Parts, conversations: list, latent: int, q: float) -> float:
+    """A threshold on ``latent`` that a fraction ``1 - q`` of the tokens of these conversations
+    (lists of messages) exceed: a rule built to fire on some conversations and not others."""
+    values = []
+    for messages in conversations:
+        ids = torch.tensor([token_ids(parts.tokenizer.apply_chat_template(list(messages), tokenize=True))])
+        resid = capture(parts.model, ids, parts.sae.hook_point)
+        values.append(parts.sae.encode(resid)[0, 1:, latent])
+    return float(torch.quantile(torch.cat(values), q))

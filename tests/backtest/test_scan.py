@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from monitor.backtest.read import Conversation
 from monitor.backtest.scan import Scanner
-from monitor.capture import capture
 from monitor.policy import compile_policies, load_policies
 from monitor.wrapper import Monitor
-from tests.backtest.helpers import rule_yaml, short_conversations, tiny_parts, write_policy
+from tests.backtest.helpers import quantile_threshold, rule_yaml, short_conversations, tiny_parts, write_policy
 
 
 def convs(rows=None):
@@ -27,24 +25,13 @@ def parts():
     return tiny_parts()
 
 
-def quantile_threshold(parts, conversations, latent, q, scope_last_only=False):
-    """A threshold on ``latent`` that some but not all tokens of these conversations exceed."""
-    values = []
-    for c in conversations:
-        ids = parts.tokenizer.apply_chat_template(list(c.messages), tokenize=True)
-        ids = torch.tensor([list(ids["input_ids"] if hasattr(ids, "keys") else ids)])
-        resid = capture(parts.model, ids, parts.sae.hook_point)
-        values.append(parts.sae.encode(resid)[0, 1:, latent])
-    return float(torch.quantile(torch.cat(values), q))
-
-
 @pytest.fixture(scope="module")
 def firing_policies(parts, tmp_path_factory):
     """Candidate: a block rule (response) + an alert rule (prompt); baseline: a stricter block."""
     cs = convs()
-    t_hi = quantile_threshold(parts, cs, 3, 0.97)
-    t_lo = quantile_threshold(parts, cs, 3, 0.90)
-    t_p = quantile_threshold(parts, cs, 5, 0.97)
+    t_hi = quantile_threshold(parts, [c.messages for c in cs], 3, 0.97)
+    t_lo = quantile_threshold(parts, [c.messages for c in cs], 3, 0.90)
+    t_p = quantile_threshold(parts, [c.messages for c in cs], 5, 0.97)
     base = tmp_path_factory.mktemp("pol")
     cand = write_policy(base / "cand", rule_yaml("r.block", 3, t_lo),
                         rule_yaml("p.alert", 5, t_p, scope="prompt", actions="[log, alert]"))
