@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 LAYER = 2
 DATA = Path(__file__).parent / "data" / "conversations.jsonl"
+PID_DIR = Path(tempfile.gettempdir()) / "sae-monitor-backtest-test-workers"  # slow_tiny_parts' actors
 
 
 def tiny_parts() -> Parts:
@@ -70,3 +72,22 @@ def quantile_threshold(parts: Parts, conversations: list, latent: int, q: float)
         resid = capture(parts.model, ids, parts.sae.hook_point)
         values.append(parts.sae.encode(resid)[0, 1:, latent])
     return float(torch.quantile(torch.cat(values), q))
+
+
+def slow_tiny_parts() -> Parts:
+    """:func:`tiny_parts` whose forward takes 50 ms longer, so a test can kill a Ray worker
+    while batches are still in flight."""
+    import os
+    import time
+
+    PID_DIR.mkdir(parents=True, exist_ok=True)
+    (PID_DIR / str(os.getpid())).touch()
+    parts = tiny_parts()
+    forward = parts.model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    parts.model.forward = slow
+    return parts
