@@ -41,7 +41,7 @@ def default_parts(device: str | None = None) -> Parts:
     from monitor.catalog import load_catalog
     from monitor.models import load_default_model
     from monitor.sae import load_sae
-    from monitor.wrapper import SHIPPED_CATALOG
+    from monitor.shipped import SHIPPED_CATALOG
 
     model, tokenizer = load_default_model()
     sae = load_sae("default")

@@ -54,7 +54,7 @@ def cmd_backtest(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from monitor.backtest.read import FieldMap
     from monitor.backtest.report import render_html, render_json, render_table
     from monitor.backtest.run import BacktestConfig, default_parts, finish, prepare, run_backtest
-    from monitor.wrapper import shipped_policies_dir
+    from monitor.shipped import shipped_policies_dir
 
     config = BacktestConfig(
         data=list(args.logs), policies=str(args.policies or shipped_policies_dir()), out=args.out,

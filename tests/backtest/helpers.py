@@ -11,7 +11,7 @@ import torch
 from monitor.backtest.run import Parts
 from monitor.capture import capture
 from monitor.data import token_ids
-from tests.builders import tied_sae, tiny_model, tiny_tokenizer
+from monitor.testing import tied_sae, tiny_model, tiny_tokenizer
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -111,7 +111,7 @@ def test_ray_resumes_a_run_started_locally(cluster, job):
 def test_ray_with_the_default_model_matches_local(cluster, tmp_path, default_model):
     """Two actors, each loading the real default model + shipped SAE, on real conversations."""
     from monitor.backtest.run import default_parts
-    from monitor.wrapper import shipped_policies_dir
+    from monitor.shipped import shipped_policies_dir
 
     lines = DATA.read_text().splitlines()[:6]
     data = write_jsonl(tmp_path / "real.jsonl", lines)

@@ -7,7 +7,7 @@ import pytest
 from monitor.backtest.read import Conversation
 from monitor.backtest.scan import Scanner
 from monitor.policy import compile_policies, load_policies
-from monitor.wrapper import Monitor
+from monitor.runtime.hf import Monitor
 from tests.backtest.helpers import quantile_threshold, rule_yaml, short_conversations, tiny_parts, write_policy
 
 
@@ -99,7 +99,7 @@ def test_too_long_conversation_is_skipped_with_its_length(parts, firing_policies
 def test_firing_positions_are_per_turn(parts, tmp_path):
     """A rule that fires everywhere fires at response token 0 of the first assistant turn
     (the template's first monitored token) and counts tokens over every turn."""
-    policy = compiled(write_policy(tmp_path, rule_yaml("all", 0, -1.0)))
+    policy = compiled(write_policy(tmp_path, rule_yaml("all", 0, -1.0) + "    allow_always_true: true\n"))
     res = Scanner(parts.model, parts.tokenizer, parts.sae, [policy]).scan(convs(short_conversations(3)))
     for r in res:
         (f,) = r.versions[0].firings
