@@ -27,6 +27,7 @@ from typing import Any
 from monitor.backtest.policies import PolicyVersion
 from monitor.backtest.read import FieldMap, read_file, record_from_json, record_to_json
 from monitor.backtest.results import ResultStore
+from monitor.errors import MonitorError
 from monitor.policy import CompiledPolicy
 
 PartsFactory = Callable[[], Any]
@@ -77,8 +78,11 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` (``auto``, ``ray://host:10001``, ``host:6379``), or start a
     local runtime when None. Workers of a runtime started here import ``monitor`` from where this
     process does (so a source checkout runs its own code)."""
-    import ray
-
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise MonitorError("--ray needs Ray Data, which is not installed: pip install 'sae-monitor[ray]'") from None
     if ray.is_initialized():
         return
     if address:
@@ -104,7 +108,7 @@ def run_on_ray(paths: Sequence[Path], versions: Sequence[PolicyVersion], store: 
     gpus = float(ray.cluster_resources().get("GPU", 0)) > 0
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    ds = ray.data.from_items([{"path": str(p)} for p in paths], override_num_blocks=max(1, len(paths)))
+    ds: Any = ray.data.from_items([{"path": str(p)} for p in paths], override_num_blocks=max(1, len(paths)))
     ds = ds.flat_map(_ReadFile(fields or FieldMap(), store.done))
     ds = ds.map_batches(ScanActor, batch_size=max(batch_size, 1) * 4, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=workers),

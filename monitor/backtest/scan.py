@@ -164,7 +164,7 @@ class Scanner:
             pairs = [catalog.probe(n) for n in probes]
             self._P = torch.stack([d.float() for d, _ in pairs], 1).to(self.device)
             self._b = torch.tensor([b for _, b in pairs], device=self.device)
-        col = {("latent", i): c for c, i in enumerate(latents)}
+        col: dict[tuple[str, object], int] = {("latent", i): c for c, i in enumerate(latents)}
         col.update({("probe", n): len(latents) + c for c, n in enumerate(probes)})
         self._columns = [torch.tensor([col[(f.kind, f.index if f.kind == "latent" else f.name)]
                                        for f in p.features], dtype=torch.long, device=self.device)

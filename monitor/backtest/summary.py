@@ -44,8 +44,9 @@ def summarize(rows: Sequence[dict[str, Any]], labels: Sequence[str],
         "tokens": sum(r["tokens"] or 0 for r in scanned),
         "problems": {"counts": dict(sorted(problems.items())),
                      "records": [{"key": r["key"], "kind": r["problem"], "detail": r["detail"]} for r in skipped]},
-        "versions": {},
     }
+    per_version: dict[str, Any] = {}
+    out["versions"] = per_version
     info = {v["label"]: v for v in versions}
     for label in labels:
         decisions = {d: 0 for d in DECISIONS}
@@ -64,7 +65,7 @@ def summarize(rows: Sequence[dict[str, Any]], labels: Sequence[str],
             enforced = entry["mode"] == "enforce"
             for action in ("block", "steer", "alert"):
                 entry[f"would_{action}"] = entry["conversations"] if enforced and entry["action"] == action else 0
-        out["versions"][label] = {
+        per_version[label] = {
             **{k: v for k, v in info.get(label, {}).items() if k != "label"},
             "decisions": decisions,
             "rates": {d: (c / n if n else 0.0) for d, c in decisions.items()},

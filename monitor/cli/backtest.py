@@ -62,7 +62,7 @@ def cmd_backtest(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         include_text=args.include_text, fields=FieldMap.parse(args.field))
     bar = None
     if not args.no_progress:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]
 
         bar = tqdm(file=err, unit="conv", desc="backtest", dynamic_ncols=True)
 
