@@ -51,7 +51,7 @@ def add_parser(subparsers: Any, parents: Any = None) -> argparse.ArgumentParser:
 
 def cmd_backtest(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run the backtest, print the summary (table or JSON), write the HTML report if asked."""
-    from monitor.backtest.read import FieldMap
+    from monitor.backtest.read import FieldMap, expand
     from monitor.backtest.report import render_html, render_json, render_table
     from monitor.backtest.run import BacktestConfig, default_parts, finish, prepare, run_backtest
     from monitor.shipped import shipped_policies_dir
@@ -60,24 +60,28 @@ def cmd_backtest(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         data=list(args.logs), policies=str(args.policies or shipped_policies_dir()), out=args.out,
         against=args.against, batch_size=args.batch_size, chunk_size=args.chunk_size, max_tokens=args.max_tokens,
         include_text=args.include_text, fields=FieldMap.parse(args.field))
+    expand(config.data)  # a missing input fails now, not after the model loads
+    parts = default_parts()
     bar = None
     if not args.no_progress:
         from tqdm import tqdm  # type: ignore[import-untyped]
 
         bar = tqdm(file=err, unit="conv", desc="backtest", dynamic_ncols=True)
 
+    seen = [0]  # tokens so far
+
     def progress(records: int, tokens: int) -> None:
+        seen[0] += tokens
         if bar is not None:
+            bar.set_postfix(tokens=seen[0], refresh=False)
             bar.update(records)
-            bar.set_postfix(tokens=tokens, refresh=False)
 
     try:
         if args.ray is None:
-            outcome = run_backtest(config, progress=progress, resume=not args.fresh)
-        else:
+            outcome = run_backtest(config, parts, progress=progress, resume=not args.fresh)
+        else:  # the versions compile here, so policy errors surface before the cluster starts
             from monitor.backtest.ray_runner import connect, run_on_ray
 
-            parts = default_parts()  # compiles the versions here: errors surface before the cluster
             versions, store, paths = prepare(config, parts, resume=not args.fresh)
             connect(None if args.ray == "local" else args.ray)
             run_on_ray(paths, versions, store, factory=default_parts, workers=args.workers,
