@@ -74,15 +74,8 @@ def build_tiny() -> tuple[Any, list[dict[str, Any]]]:
     import tempfile
 
     from monitor.policy import compile_policies, load_policies
-    from monitor.wrapper import Monitor
-
-    try:
-        from monitor.testing import tied_sae, tiny_model, tiny_tokenizer
-    except ImportError:  # before the lead's monitor.testing lands: the tests' builders
-        import sys
-
-        sys.path.insert(0, str(ROOT))
-        from tests.builders import tied_sae, tiny_model, tiny_tokenizer
+    from monitor.runtime.hf import Monitor
+    from monitor.testing import tied_sae, tiny_model, tiny_tokenizer
 
     path = Path(tempfile.mkdtemp()) / "p.yaml"
     path.write_text("version: '1'\nrules:\n  - id: c.r\n    description: d\n    severity: low\n    mode: shadow\n"
@@ -131,7 +124,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              else list(items[i].transcript), prompt=items[i].prompt) for i in chunk]
 
     def scan_many(chunk: list[int]) -> list[Any]:
-        return monitor.scan_many([items[i] for i in chunk], batch_size=args.batch_size)
+        from monitor.runtime.scan import ScanItem
+
+        return monitor.scan_many([ScanItem(items[i].transcript if isinstance(items[i].transcript, str)
+                                           else list(items[i].transcript), items[i].prompt) for i in chunk],
+                                 batch_size=args.batch_size)
 
     def extract(batch_size: int) -> Callable[[list[int]], torch.Tensor]:
         def run(chunk: list[int]) -> torch.Tensor:

@@ -110,9 +110,13 @@ def tied_sae(layer: int = 2, d_in: int = 64, d_sae: int = 16, seed: int = 1) -> 
 
 def rule_yaml(rule_id: str = "r", latent: int = 0, above: float = 1e9, scope: str = "response",
               actions: str = "[log, {block: {message: BLOCKED}}]", mode: str = "enforce") -> str:
-    """A one-rule policy file: ``latent`` above ``above`` in ``scope`` -> ``actions``."""
+    """A one-rule policy file: ``latent`` above ``above`` in ``scope`` -> ``actions``.
+
+    A negative ``above`` (fire on every token: SAE latents are never negative) adds the
+    ``allow_always_true: true`` override that such an enforce rule needs."""
+    always = "    allow_always_true: true\n" if above < 0 and mode == "enforce" else ""
     return (f"version: '1'\nrules:\n  - id: {rule_id}\n    description: test\n    severity: high\n"
-            f"    mode: {mode}\n    scope: {scope}\n    when: {{latent: {latent}, above: {above}}}\n"
+            f"    mode: {mode}\n    scope: {scope}\n{always}    when: {{latent: {latent}, above: {above}}}\n"
             f"    actions: {actions}\n")
 
 

@@ -10,7 +10,7 @@ from monitor.policy import compile_policies, load_policies
 from monitor.sae import SAE
 from monitor.errors import Blocked, MonitorUnavailable
 from monitor.runtime.hf import Monitor
-from monitor.testing import tied_sae, tiny_model
+from monitor.testing import rule_yaml, tied_sae, tiny_model
 
 LAYER = 2
 GEN = dict(max_new_tokens=8, do_sample=False)
@@ -27,8 +27,7 @@ def policy(tmp_path, yaml_text: str, d_sae: int = 16):
 
 
 def rule(rule_id="r", latent=0, above=1e9, scope="response", actions="[log, {block: {message: BLOCKED}}]", mode="enforce"):
-    return (f"version: '1'\nrules:\n  - id: {rule_id}\n    description: test\n    severity: high\n    mode: {mode}\n"
-            f"    scope: {scope}\n    when: {{latent: {latent}, above: {above}}}\n    actions: {actions}\n")
+    return rule_yaml(rule_id, latent, above, scope, actions, mode)
 
 
 @pytest.fixture
