@@ -59,6 +59,7 @@ def main() -> int:
 
     def record(name: str, seconds: float, tokens: int) -> None:
         results[name] = {"seconds": seconds, "conversations": len(convs), "tokens": tokens}
+        print(f"  measured {name}: {seconds:.1f} s", flush=True)
 
     base = None
     if not args.skip_baseline:
