@@ -106,7 +106,7 @@ def _bars_svg(groups: Sequence[tuple[str, Sequence[tuple[str, float, str]]]], ti
 CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1100px}
 table{border-collapse:collapse;margin:8px 0 20px}td,th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:left}
 th{background:#f4f4f4}code{font-size:12px}.plot text{font-size:11px}.plot .ttl{font-size:13px;font-weight:600}
-.kpi{display:inline-block;margin-right:24px}.kpi b{font-size:20px;display:block}"""
+.kpi{display:inline-block;margin-right:24px}td code,td small{word-break:break-all}.kpi b{font-size:20px;display:block}"""
 
 
 def render_html(summary: dict[str, Any], path: str | Path, title: str = "Policy backtest") -> Path:
@@ -182,4 +182,6 @@ def _example_html(x: dict[str, Any]) -> str:
     text = ""
     if x.get("messages"):
         text = "<br><small>" + _e(" | ".join(f"{m['role']}: {m['content'][:160]}" for m in x["messages"])) + "</small>"
-    return f"<code>{_e(x['key'])}</code>{_e(where)}<br><small>{_e(x.get('text_sha256') or '')}</small>{text}"
+    digest = x.get("text_sha256") or ""
+    return (f"<code>{_e(x['key'])}</code>{_e(where)}<br><small title=\"{_e(digest)}\">{_e(digest[:23])}</small>"
+            f"{text}")
