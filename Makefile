@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 
 # Optional extras of pyproject.toml that `make install` / `make test` install, space-separated
 # (add yours here: e.g. `EXTRAS ?= dev ray`). Changing the list reinstalls (one stamp per list).
-EXTRAS ?= dev
+EXTRAS ?= dev ray
 
 # System tools the real-part tests drive, from Debian: a real Prometheus server and promtool, a
 # real headless Chromium. `make test` installs the packages when run as root; otherwise it stops

@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "monitor.cli.research",
     "monitor.cli.serve",
     "monitor.cli.policy",
+    "monitor.cli.backtest",
 )
 
 DESCRIPTION = "Safety monitoring for language models with sparse autoencoders."
