@@ -60,3 +60,5 @@ __all__ = [
     "from_default",
     "wrap",
 ]
+
+from monitor import drift  # noqa: E402  (a callable package: monitor.drift(base, [candidate]))
