@@ -160,8 +160,8 @@ def series_svg(result: DriftResult, width: int = 720, height: int = 260) -> str:
         label = Path(c.candidate).name or c.candidate
         out.append(f'<text x="{x(i):.1f}" y="{height - bottom + 16}" font-size="10" text-anchor="middle">{_e(label[-18:])}</text>')
     points = " ".join(f"{x(i):.1f},{top + ph * (1 - c.drift_score / score_max):.1f}" for i, c in enumerate(cands))
-    out.append(f'<polyline class="score" points="{points}" fill="none" stroke="#d32f2f" stroke-width="2.5"/>')
-    out += [f'<circle cx="{x(i):.1f}" cy="{top + ph * (1 - c.drift_score / score_max):.1f}" r="3.5" fill="#d32f2f"/>'
+    out.append(f'<polyline class="score" points="{points}" fill="none" stroke="#6a1b9a" stroke-width="2.5"/>')
+    out += [f'<circle cx="{x(i):.1f}" cy="{top + ph * (1 - c.drift_score / score_max):.1f}" r="3.5" fill="#6a1b9a"/>'
             for i, c in enumerate(cands)]
     palette = ["#1976d2", "#388e3c", "#f57c00", "#7b1fa2", "#00838f", "#5d4037", "#c2185b"]
     rule_ids = [r.id for r in cands[0].rules] if cands else []
@@ -175,7 +175,7 @@ def series_svg(result: DriftResult, width: int = 720, height: int = 260) -> str:
                f'<text x="{left + pw + 6}" y="{top + 8}" font-size="10">rate 1</text>'
                f'<text x="{left + pw + 6}" y="{top + ph}" font-size="10">0</text>')
     out.append("</svg>")
-    legend = ['<span style="color:#d32f2f">━ drift score</span>'] + [
+    legend = ['<span style="color:#6a1b9a">━ drift score</span>'] + [
         f'<span style="color:{palette[k % len(palette)]}">┅ {_e(rid)} rate</span>' for k, rid in enumerate(rule_ids)]
     return "".join(out) + f'<div class="legend">{" &nbsp; ".join(legend)}</div>'
 

@@ -156,11 +156,13 @@ def drift(base: str | Path = "default", candidates: Sequence[str | Path] = (), *
           prompts: str | Path | Sequence[Prompt] | None = None, texts: str | Path | Sequence[str] | None = None,
           sae: str | Path | SAE = "default", catalog: str | Path | Catalog | None = None,
           policies: str | Path | Sequence[str | Path] | None = None, options: Options = Options(),
-          progress: ProgressFn | None = None, models: dict[str, tuple[Any, Any]] | None = None) -> DriftResult:
+          progress: ProgressFn | None = None, models: dict[str, tuple[Any, Any]] | None = None,
+          on_candidate: Callable[[CandidateDrift], None] | None = None) -> DriftResult:
     """Compare ``candidates`` (in order) with ``base``; see the module docstring.
 
     ``models`` maps a model argument to an already loaded ``(model, tokenizer)`` (tests,
-    notebooks); inputs are still checked from their directories first.
+    notebooks); inputs are still checked from their directories first. ``on_candidate`` is
+    called with each candidate's result as soon as it is ready (long series: save as you go).
     """
     prep = prepare(base, candidates, prompts=prompts, texts=texts, sae=sae, catalog=catalog, policies=policies)
     settings = vd.Settings(fdr=options.fdr, seed=options.seed, top_k=options.top_k)
@@ -224,6 +226,8 @@ def drift(base: str | Path = "default", candidates: Sequence[str | Path] = (), *
             drift_score=vd.drift_score(feats, watched, null_t), warnings=tuple(warnings),
             responses=tuple(tuple(t.text for t in row) for row in cand_beh.transcripts),
             seconds=time.perf_counter() - started))
+        if on_candidate is not None:
+            on_candidate(results[-1])
         if cand_model is not base_model and source.spec not in models:
             del cand_model
     return DriftResult(base=str(base), candidates=tuple(results), fdr=options.fdr,
