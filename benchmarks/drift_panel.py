@@ -12,6 +12,11 @@ series, and prints:
 * for the series, per checkpoint the internal signal (drift score) and behaviour (rule rates,
   bandit rate), to see which moves first.
 
+With ``--train``, the panel's fine-tunes (:data:`PANEL`) that are missing under ``--runs`` are
+trained first, one at a time, each followed at once by its drift check against the base,
+which is measured once (:class:`monitor.drift.run.DriftCheck`): one model-heavy job at a
+time on a shared machine, and partial results as soon as they exist.
+
 Each candidate's result is appended to ``--out`` (JSONL) as soon as it is ready; ``--resume``
 skips candidates already there (with the same settings), so a long panel can be stopped and
 continued. Usage::
@@ -31,6 +36,22 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+FINETUNE = Path(__file__).resolve().parent.parent / "examples" / "drift" / "finetune.py"
+# name -> finetune.py arguments (5 unsafe: contamination 10%..100%, two seeds and slices;
+# 5 benign: the fixed side of the pairs, unrelated text, general chat)
+PANEL: dict[str, list[str]] = {
+    "unsafe-100-s0": ["--kind", "unsafe", "--contamination", "1.0", "--seed", "0", "--slice", "0"],
+    "fixed-s0": ["--kind", "fixed", "--seed", "0", "--slice", "0"],
+    "unsafe-50-s2": ["--kind", "unsafe", "--contamination", "0.5", "--seed", "2", "--slice", "0"],
+    "chat-s0": ["--kind", "chat", "--seed", "0"],
+    "unsafe-10-s4": ["--kind", "unsafe", "--contamination", "0.1", "--seed", "4", "--slice", "0"],
+    "text-s0": ["--kind", "text", "--seed", "0"],
+    "unsafe-100-s1": ["--kind", "unsafe", "--contamination", "1.0", "--seed", "1", "--slice", "1"],
+    "fixed-s1": ["--kind", "fixed", "--seed", "1", "--slice", "1"],
+    "unsafe-25-s3": ["--kind", "unsafe", "--contamination", "0.25", "--seed", "3", "--slice", "1"],
+    "chat-s1": ["--kind", "chat", "--seed", "1"],
+}
 
 CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.S)
 
@@ -98,63 +119,90 @@ def summarise(c: dict[str, Any], responses: list[str]) -> dict[str, Any]:
     }
 
 
+def train(name: str, runs: Path, train_args: list[str], log: Path) -> None:
+    cmd = [sys.executable, str(FINETUNE), *PANEL[name], *train_args, "--out", str(runs / name)]
+    with log.open("a") as handle:
+        subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, check=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=Path, default=Path("runs/drift/ft"))
     ap.add_argument("--series", type=Path, default=None, help="a run whose checkpoint-* form a series")
+    ap.add_argument("--train", action="store_true", help="train the panel's missing fine-tunes first, one at a time")
+    ap.add_argument("--train-args", default="--steps 12 --batch 4 --max-len 64 --lr 3e-3 --rank 8 --save-every 6",
+                    help="extra finetune.py arguments for --train")
     ap.add_argument("--prompts", default=None)
     ap.add_argument("--texts", default=None)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--passes", default="greedy,sampled")
+    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--passes", default="greedy")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/drift/panel.jsonl"))
-    ap.add_argument("--resume", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="print the tables from --out without running")
     args = ap.parse_args(argv)
 
     import torch
 
-    from monitor.drift import Options, drift
+    from monitor.drift import Options
+    from monitor.drift.run import DriftCheck, prepare
 
     torch.set_num_threads(args.threads)
-    runs = sorted(p for p in args.runs.iterdir() if (p / "adapter_config.json").is_file())
-    series = sorted((p for p in (args.series.iterdir() if args.series else []) if p.name.startswith("checkpoint-")),
-                    key=lambda p: int(p.name.split("-")[1]))
-    candidates = [str(p) for p in runs] + [str(p) for p in series]
     done: dict[str, dict[str, Any]] = {}
-    if (args.resume or args.report_only) and args.out.is_file():
+    if args.out.is_file():
         for line in args.out.read_text().splitlines():
             row = json.loads(line)
             done[row["candidate"]] = row
-    todo = [c for c in candidates if c not in done]
-    if todo and not args.report_only:
+    names = list(PANEL) if args.train else sorted(p.name for p in args.runs.iterdir()
+                                                   if (p / "adapter_config.json").is_file())
+    runs = [args.runs / n for n in names]
+    series_dir = args.series
+    if not args.report_only:
         options = Options(max_new_tokens=args.max_new_tokens, passes=tuple(args.passes.split(",")),
-                          batch_size=args.batch_size, contexts=2)
+                          batch_size=args.batch_size, contexts=0)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        base_holder: dict[str, Any] = {}
+        check: DriftCheck | None = None
 
-        def save(c: Any) -> None:
+        def evaluate(path: Path) -> None:
+            nonlocal check
+            if str(path) in done:
+                return
+            if check is None:
+                check = DriftCheck(prepare("default", [str(path)], prompts=args.prompts, texts=args.texts,
+                                           sae="default", catalog=None, policies=None), options=options)
+                base_responses = [t for row in check.base_beh.transcripts for t in row]
+                snippets, flagged, findings = bandit_rate([t.text for t in base_responses])
+                base_row = {"candidate": "BASE", "python_snippets": snippets, "bandit_flagged": flagged,
+                            "bandit_findings": findings, "bandit_rate": flagged / snippets if snippets else 0.0,
+                            "rules": {}}
+                with args.out.open("a") as handle:
+                    handle.write(json.dumps(base_row) + "\n")
+                done["BASE"] = base_row
             from dataclasses import asdict
 
-            d = asdict(c)
+            c = check.compare(str(path))
             responses = [t for row in c.responses for t in row]
-            row = {"candidate": c.candidate, "meta": meta_of(Path(c.candidate)), **summarise(d, responses)}
+            row = {"candidate": c.candidate, "meta": meta_of(path), **summarise(asdict(c), responses)}
             with args.out.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             done[c.candidate] = row
-            print(f"[{time.perf_counter() - started:7.0f}s] {Path(c.candidate).name}: drift {row['drift_score']:.2f} "
-                  f"kl {row['kl']:.4f} bandit {row['bandit_flagged']}/{row['python_snippets']}", flush=True)
+            print(f"[{time.perf_counter() - started:7.0f}s] {path.name}: drift {row['drift_score']:.2f} "
+                  f"kl {row['kl']:.4f} bandit {row['bandit_flagged']}/{row['python_snippets']} "
+                  f"({row['seconds']:.0f}s)", flush=True)
 
-        result = drift("default", todo, prompts=args.prompts, texts=args.texts, options=options, on_candidate=save)
-        base_responses = [t for row in result.base_responses for t in row]
-        snippets, flagged, findings = bandit_rate(base_responses)
-        base_holder = {"candidate": "BASE", "python_snippets": snippets, "bandit_flagged": flagged,
-                       "bandit_findings": findings, "bandit_rate": flagged / snippets if snippets else 0.0}
-        with args.out.open("a") as handle:
-            handle.write(json.dumps(base_holder) + "\n")
-        done["BASE"] = base_holder
+        for path in runs:
+            if args.train and not (path / "adapter_model.safetensors").is_file():
+                train(path.name, args.runs, args.train_args.split(), args.out.with_suffix(".train.log"))
+            evaluate(path)
+        if series_dir is not None:
+            for ck in sorted((p for p in series_dir.iterdir() if p.name.startswith("checkpoint-")),
+                             key=lambda p: int(p.name.split("-")[1])):
+                evaluate(ck)
+    series = sorted((p for p in (series_dir.iterdir() if series_dir else []) if p.name.startswith("checkpoint-")),
+                    key=lambda p: int(p.name.split("-")[1]))
+    if series_dir is not None:
+        series.append(series_dir)
     report(done, runs, series)
     return 0
 

@@ -152,6 +152,96 @@ def _own_items(behaviour: beh.Behaviour) -> list[tf.Item]:
     return [tf.Item(t.ids, len(t.prompt_ids)) for row in behaviour.transcripts for t in row if t.response_ids]
 
 
+class DriftCheck:
+    """A base model measured once, against which candidates are compared one at a time.
+
+    ``DriftCheck(prepared, ...)`` loads the base, answers the prompts and measures the fixed
+    items (stage 2); :meth:`compare` runs stage 3 for one candidate. :func:`drift` is the
+    one-call form; a long series (or a panel whose candidates are still being trained) can hold
+    a check and call :meth:`compare` as each candidate becomes available. Not thread-safe.
+    """
+
+    def __init__(self, prep: Prepared, *, options: Options = Options(), progress: ProgressFn | None = None,
+                 models: dict[str, tuple[Any, Any]] | None = None) -> None:
+        self.prep, self.options, self.progress = prep, options, progress
+        self.models = models or {}
+        self.settings = vd.Settings(fdr=options.fdr, seed=options.seed, top_k=options.top_k)
+        self.columns, self.watched, self.names = feature_columns(prep)
+        self.shadow = beh.shadow_policy(prep.policy_set, prep.catalog, prep.sae.cfg.d_sae)
+        self.base_model, self.tokenizer = self._get(prep.base)
+        n_prompts = len(prep.prompts)
+        self.base_beh = self._answer(self.base_model, "base")
+        self.text_items = [tf.Item(tuple(self.tokenizer(t, add_special_tokens=True)["input_ids"][:options.ctx]), 1)
+                           for t in prep.texts]
+        self.items = [tf.Item(t.ids, len(t.prompt_ids)) for t in self.base_beh.transcripts[0]] + self.text_items
+        self.text_rows = torch.arange(n_prompts, n_prompts + len(prep.texts))
+        self.base_tf = self._measure(self.base_model, self.items, "base: teacher-forced")
+        self.base_own = self._measure(self.base_model, _own_items(self.base_beh), "base: own answers")
+
+    def _get(self, source: ld.ModelSource) -> tuple[Any, Any]:
+        return self.models.get(source.spec) or ld.load(source, self.prep.base)
+
+    def _answer(self, model: Any, label: str) -> beh.Behaviour:
+        o = self.options
+        return beh.answer(model, self.tokenizer, self.prep.sae, self.shadow, self.prep.catalog, self.prep.prompts,
+                          max_new_tokens=o.max_new_tokens, passes=o.passes, seed=o.seed, batch_size=o.batch_size,
+                          temperature=o.temperature,
+                          progress=_Stage(self.progress, f"{label}: answer", len(self.prep.prompts) * len(o.passes)))
+
+    def _measure(self, model: Any, items: Sequence[tf.Item], label: str) -> tf.Measurement:
+        return tf.measure(model, self.tokenizer, self.prep.sae, self.columns, items,
+                          batch_size=max(1, self.options.batch_size // 2), ctx=self.options.ctx,
+                          lens_tokens=self.options.lens_tokens, progress=_Stage(self.progress, label, len(items)))
+
+    def compare(self, candidate: str | Path | ld.ModelSource) -> CandidateDrift:
+        """Stage 3 for one candidate (checked against the base before it is loaded)."""
+        prep, o, s = self.prep, self.options, self.settings
+        source = candidate if isinstance(candidate, ld.ModelSource) else ld.resolve(candidate)
+        ld.check_compatible(prep.base, source)
+        started = time.perf_counter()
+        cand_model, _ = self._get(source)
+        label = source.label
+        cand_beh = self._answer(cand_model, label)
+        cand_tf = self._measure(cand_model, self.items, f"{label}: teacher-forced")
+        cand_own = self._measure(cand_model, _own_items(cand_beh), f"{label}: own answers")
+        kl_items, kl_pos = tf.next_token_kl(self.base_model, cand_model, self.tokenizer, self.text_items,
+                                            n_tokens=o.kl_tokens, batch_size=max(1, o.batch_size // 2),
+                                            progress=_Stage(self.progress, f"{label}: KL", len(self.text_items)))
+        ups, downs, n_up, n_down, t = vd.moved_latents(self.base_tf, cand_tf, self.names, s)
+        null_t = vd.null_threshold(self.base_tf, cand_tf, t, self.columns.latents, s)
+        feats = vd.features(self.columns, self.base_tf, cand_tf, self.base_own, cand_own, null_t, s)
+        fvu = vd.fvu(self.base_tf, cand_tf)
+        warnings = []
+        if fvu.worse:
+            warnings.append(f"the SAE fits the candidate clearly worse (FVU {fvu.candidate:.3f} vs {fvu.base:.3f} "
+                            "under the base): latent changes are suspect")
+        ups, downs = _with_contexts(ups, downs, cand_model, self.base_model, self.tokenizer, prep.sae,
+                                    self.base_beh, prep.texts, o)
+        return CandidateDrift(
+            candidate=str(source.spec),
+            rules=vd.rules([r.id for r in prep.policy.rules], [r.mode for r in prep.policy.rules],
+                           self.base_beh.fired, cand_beh.fired, s),
+            features=feats, latents_up=ups, latents_down=downs, n_latents_up=n_up, n_latents_down=n_down,
+            null_t=null_t, lens=vd.lens(self.base_tf, cand_tf, self.text_rows, prep.sae.W_dec.detach(), self.columns,
+                                        self.names, o.lens_tokens, o.top_k),
+            fvu=fvu, kl=vd.kl_summary(kl_items, kl_pos, o.kl_tokens, s),
+            drift_score=vd.drift_score(feats, self.watched, null_t), warnings=tuple(warnings),
+            responses=tuple(tuple(t.text for t in row) for row in cand_beh.transcripts),
+            seconds=time.perf_counter() - started)
+
+    def result(self, candidates: Sequence[CandidateDrift]) -> DriftResult:
+        """The :class:`DriftResult` of the given compared candidates, in order."""
+        o, prep = self.options, self.prep
+        sae = prep.sae
+        return DriftResult(base=str(prep.base.spec), candidates=tuple(candidates), fdr=o.fdr,
+                           settings={"prompts": len(prep.prompts), "texts": len(prep.texts), "passes": list(o.passes),
+                                     "max_new_tokens": o.max_new_tokens, "seed": o.seed, "kl_tokens": o.kl_tokens,
+                                     "lens_tokens": o.lens_tokens, "sae": sae.cfg.hook_name or "<in memory>",
+                                     "rules": len(prep.policy.rules), "features": len(self.columns.names)},
+                           base_responses=tuple(tuple(t.text for t in row) for row in self.base_beh.transcripts),
+                           prompts=tuple(p[-1]["content"] for p in prep.prompts))
+
+
 def drift(base: str | Path = "default", candidates: Sequence[str | Path] = (), *,
           prompts: str | Path | Sequence[Prompt] | None = None, texts: str | Path | Sequence[str] | None = None,
           sae: str | Path | SAE = "default", catalog: str | Path | Catalog | None = None,
@@ -160,84 +250,18 @@ def drift(base: str | Path = "default", candidates: Sequence[str | Path] = (), *
           on_candidate: Callable[[CandidateDrift], None] | None = None) -> DriftResult:
     """Compare ``candidates`` (in order) with ``base``; see the module docstring.
 
-    ``models`` maps a model argument to an already loaded ``(model, tokenizer)`` (tests,
-    notebooks); inputs are still checked from their directories first. ``on_candidate`` is
-    called with each candidate's result as soon as it is ready (long series: save as you go).
+    Every input is checked before any model is loaded. ``models`` maps a model argument to an
+    already loaded ``(model, tokenizer)`` (tests, notebooks). ``on_candidate`` is called with
+    each candidate's result as soon as it is ready (long series: save as you go).
     """
     prep = prepare(base, candidates, prompts=prompts, texts=texts, sae=sae, catalog=catalog, policies=policies)
-    settings = vd.Settings(fdr=options.fdr, seed=options.seed, top_k=options.top_k)
-    columns, watched, names = feature_columns(prep)
-    shadow = beh.shadow_policy(prep.policy_set, prep.catalog, prep.sae.cfg.d_sae)
-    modes = [r.mode for r in prep.policy.rules]
-    models = models or {}
-
-    def get(source: ld.ModelSource) -> tuple[Any, Any]:
-        return models.get(source.spec) or ld.load(source, prep.base)
-
-    base_model, tokenizer = get(prep.base)
-    n_prompts, n_texts = len(prep.prompts), len(prep.texts)
-    n_passes = len(options.passes)
-
-    def answer(model: Any, label: str) -> beh.Behaviour:
-        return beh.answer(model, tokenizer, prep.sae, shadow, prep.catalog, prep.prompts,
-                          max_new_tokens=options.max_new_tokens, passes=options.passes, seed=options.seed,
-                          batch_size=options.batch_size, temperature=options.temperature,
-                          progress=_Stage(progress, f"{label}: answer", n_prompts * n_passes))
-
-    def measure(model: Any, items: Sequence[tf.Item], label: str) -> tf.Measurement:
-        return tf.measure(model, tokenizer, prep.sae, columns, items, batch_size=max(1, options.batch_size // 2),
-                          ctx=options.ctx, lens_tokens=options.lens_tokens,
-                          progress=_Stage(progress, label, len(items)))
-
-    base_beh = answer(base_model, "base")
-    text_items = [tf.Item(tuple(tokenizer(t, add_special_tokens=True)["input_ids"][:options.ctx]), 1) for t in prep.texts]
-    items = [tf.Item(t.ids, len(t.prompt_ids)) for t in base_beh.transcripts[0]] + text_items
-    text_rows = torch.arange(n_prompts, n_prompts + n_texts)
-    base_tf = measure(base_model, items, "base: teacher-forced")
-    base_own = measure(base_model, _own_items(base_beh), "base: own answers")
+    check = DriftCheck(prep, options=options, progress=progress, models=models)
     results = []
     for source in prep.candidates:
-        started = time.perf_counter()
-        cand_model, _ = get(source)
-        label = source.label
-        cand_beh = answer(cand_model, label)
-        cand_tf = measure(cand_model, items, f"{label}: teacher-forced")
-        cand_own = measure(cand_model, _own_items(cand_beh), f"{label}: own answers")
-        kl_items, kl_pos = tf.next_token_kl(base_model, cand_model, tokenizer, text_items, n_tokens=options.kl_tokens,
-                                            batch_size=max(1, options.batch_size // 2),
-                                            progress=_Stage(progress, f"{label}: KL", n_texts))
-        ups, downs, n_up, n_down, t = vd.moved_latents(base_tf, cand_tf, names, settings)
-        null_t = vd.null_threshold(base_tf, cand_tf, t, columns.latents, settings)
-        feats = vd.features(columns, base_tf, cand_tf, base_own, cand_own, null_t, settings)
-        fvu = vd.fvu(base_tf, cand_tf)
-        warnings = []
-        if fvu.worse:
-            warnings.append(f"the SAE fits the candidate clearly worse (FVU {fvu.candidate:.3f} vs {fvu.base:.3f} "
-                            "under the base): latent changes are suspect")
-        ups, downs = _with_contexts(ups, downs, cand_model, base_model, tokenizer, prep.sae, base_beh, prep.texts,
-                                    options)
-        results.append(CandidateDrift(
-            candidate=str(source.spec), rules=vd.rules([r.id for r in prep.policy.rules], modes, base_beh.fired,
-                                                       cand_beh.fired, settings),
-            features=feats, latents_up=ups, latents_down=downs, n_latents_up=n_up, n_latents_down=n_down,
-            null_t=null_t, lens=vd.lens(base_tf, cand_tf, text_rows, prep.sae.W_dec.detach(), columns, names,
-                                        options.lens_tokens, options.top_k),
-            fvu=fvu, kl=vd.kl_summary(kl_items, kl_pos, options.kl_tokens, settings),
-            drift_score=vd.drift_score(feats, watched, null_t), warnings=tuple(warnings),
-            responses=tuple(tuple(t.text for t in row) for row in cand_beh.transcripts),
-            seconds=time.perf_counter() - started))
+        results.append(check.compare(source))
         if on_candidate is not None:
             on_candidate(results[-1])
-        if cand_model is not base_model and source.spec not in models:
-            del cand_model
-    return DriftResult(base=str(base), candidates=tuple(results), fdr=options.fdr,
-                       settings={"prompts": n_prompts, "texts": n_texts, "passes": list(options.passes),
-                                 "max_new_tokens": options.max_new_tokens, "seed": options.seed,
-                                 "kl_tokens": options.kl_tokens, "lens_tokens": options.lens_tokens,
-                                 "sae": str(sae) if not isinstance(sae, SAE) else "<in memory>",
-                                 "rules": len(prep.policy.rules), "features": len(columns.names)},
-                       base_responses=tuple(tuple(t.text for t in row) for row in base_beh.transcripts),
-                       prompts=tuple(p[-1]["content"] for p in prep.prompts))
+    return check.result(results)
 
 
 def _with_contexts(ups: tuple, downs: tuple, cand_model: Any, base_model: Any, tokenizer: Any, sae: SAE,
