@@ -91,7 +91,7 @@ def test_series_is_reported_in_order(series, world):
 
 def test_lora_adapter_with_zero_update_is_unchanged(world, tmp_path):
     """A freshly initialised LoRA adapter (B = 0) is the base: loaded through peft, no drift."""
-    peft = pytest.importorskip("peft")
+    import peft
     from tests.drift.conftest import tiny_biased
 
     model = peft.get_peft_model(tiny_biased(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))

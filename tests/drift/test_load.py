@@ -57,7 +57,7 @@ def test_different_tokenizer(world, tmp_path, no_model_work):
 
 
 def test_lora_adapter_for_another_base(world, tmp_path, no_model_work):
-    peft = pytest.importorskip("peft")
+    import peft
     other = tiny_biased(hidden_size=32)
     save(other, builders.tiny_tokenizer(), tmp_path / "other-base")
     adapter = peft.get_peft_model(other, peft.LoraConfig(r=2, target_modules=["q_proj"]))
@@ -94,7 +94,7 @@ def test_truncated_weights_file(world, tmp_path, no_model_work):
 
 
 def test_half_written_adapter(world, tmp_path, no_model_work):
-    peft = pytest.importorskip("peft")
+    import peft
     adapter = peft.get_peft_model(tiny_biased(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     adapter.save_pretrained(tmp_path / "adapter")
     (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
