@@ -63,7 +63,7 @@ def add_parser(subparsers: Any, parents: Any = None) -> None:
 def _progress(err: TextIO, quiet: bool) -> Any:
     if quiet:
         return None
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     bars: dict[str, Any] = {}
 

@@ -149,7 +149,7 @@ class _Stage:
 
 
 def _own_items(behaviour: beh.Behaviour) -> list[tf.Item]:
-    return [tf.Item(t.ids, len(t.prompt_ids)) for row in behaviour.transcripts for t in row if t.response_ids]
+    return [tf.Item(tuple(t.ids), len(t.prompt_ids)) for row in behaviour.transcripts for t in row if t.response_ids]
 
 
 class DriftCheck:
@@ -173,7 +173,7 @@ class DriftCheck:
         self.base_beh = self._answer(self.base_model, "base")
         self.text_items = [tf.Item(tuple(self.tokenizer(t, add_special_tokens=True)["input_ids"][:options.ctx]), 1)
                            for t in prep.texts]
-        self.items = [tf.Item(t.ids, len(t.prompt_ids)) for t in self.base_beh.transcripts[0]] + self.text_items
+        self.items = [tf.Item(tuple(t.ids), len(t.prompt_ids)) for t in self.base_beh.transcripts[0]] + self.text_items
         self.text_rows = torch.arange(n_prompts, n_prompts + len(prep.texts))
         self.base_tf = self._measure(self.base_model, self.items, "base: teacher-forced")
         self.base_own = self._measure(self.base_model, _own_items(self.base_beh), "base: own answers")

@@ -102,3 +102,11 @@ def test_lora_adapter_with_zero_update_is_unchanged(world, tmp_path):
     cand = result.candidates[0]
     assert all(r.verdict == "unchanged" for r in cand.rules)
     assert cand.kl.mean == pytest.approx(0.0, abs=1e-6) and result.exit_code == 0
+
+
+def test_monitor_drift_is_callable_and_typed(series):
+    import monitor
+    import monitor.drift as package
+    from monitor.drift import DriftResult
+
+    assert callable(package) and package is monitor.drift and isinstance(series, DriftResult)
