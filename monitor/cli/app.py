@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "monitor.cli.serve",
     "monitor.cli.policy",
     "monitor.cli.backtest",
+    "monitor.cli.drift",
 )
 
 DESCRIPTION = "Safety monitoring for language models with sparse autoencoders."
