@@ -1,0 +1,319 @@
+"""Monitored generation on vLLM's async engine: the front end of the vLLM adapter.
+
+:class:`VLLMMonitor` starts vLLM's ``AsyncLLM`` (continuous batching, paged KV cache) with the
+monitor's worker extension, installs the SAE and policies in every worker, and runs requests:
+
+* each request is sent with ``extra_args[EXTRA_ARGS_KEY]`` and ``max_tokens + 1``: a response
+  token's activations exist only once it is fed back, so one extra decode step evaluates the
+  last token the caller receives (the transformers path runs one extra forward for the same
+  reason); the extra token is never returned;
+* streamed text holds back the newest token: every older token has been evaluated, and a
+  block would have ended the request in the step that evaluated it (the worker forces the stop
+  token), so no token after the firing one is ever sent;
+* when the request ends, the worker's summary is collected (one ``collective_rpc``) and turned
+  into the same :class:`~monitor.wrapper.Report` the transformers path gives; a blocked
+  response is cut before the firing token and ends with the rule's message.
+
+Faults fail closed: an engine that dies mid-request raises :class:`EngineFailed` (counted in
+``failures``), and every later call raises it at once instead of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from monitor.errors import MonitorError
+from monitor.runtime.vllm.extension import EXTENSION, encode_spec
+from monitor.runtime.vllm.setup import EngineFailed, MonitorConfig, load_parts, require_vllm
+from monitor.runtime.vllm.spec import EXTRA_ARGS_KEY
+from monitor.runtime.vllm.tracker import Summary
+from monitor.wrapper import BlockInfo, Blocked, MonitorUnavailable, Report
+
+Prompt = str | Sequence[dict[str, str]] | Sequence[int]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One monitored response: the tokens and text delivered, why it ended, and its report."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: Literal["stop", "length", "blocked"]
+    report: Report
+    prompt_token_ids: tuple[int, ...] = field(default=(), repr=False)
+
+
+def block_text(message: str, *, after_text: bool) -> str:
+    """The rule's message, on its own paragraph when part of the response was already given
+    (as the transformers path writes it)."""
+    return "\n\n" + message if after_text else message
+
+
+class VLLMMonitor:
+    """A model served by vLLM under policy. ``generate`` (blocking) and ``agenerate`` /
+    ``astream`` (async, for servers) share one engine; see the module docstring."""
+
+    def __init__(self, config: MonitorConfig) -> None:
+        require_vllm()
+        self.config = config
+        parts = load_parts(config)  # fails before the engine starts: bad SAE, policies, fit
+        self.tokenizer = parts.tokenizer
+        self.store = parts.store
+        self.spec = parts.spec
+        self.failures = 0
+        self.requests = 0
+        self.dead: str | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sae-monitor-vllm", daemon=True)
+        self._thread.start()
+        try:
+            self.engine = self._call(self._start(parts.engine_args))
+            versions = self._call(self._install())
+        except BaseException:
+            self.close()
+            raise
+        self.policy_version = versions[0]
+
+    # ------------------------------------------------------------------ lifecycle
+    async def _start(self, engine_args: dict[str, Any]) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(**engine_args, worker_extension_cls=EXTENSION)
+        try:
+            return AsyncLLM.from_engine_args(args)
+        except Exception as exc:
+            from monitor.errors import ModelLoadError
+
+            raise ModelLoadError(f"vLLM could not load the model {engine_args.get('model')!r}: "
+                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+                                 "Check that the directory holds a model architecture vLLM supports "
+                                 "(config.json + weights), or serve it with --engine transformers") from None
+
+    async def _install(self) -> list[str]:
+        try:
+            results = await self.engine.collective_rpc("sae_monitor_install", args=(encode_spec(self.spec),))
+        except Exception as exc:
+            raise MonitorError(f"installing the monitor in the vLLM workers failed: {_reason(exc)}") from None
+        versions = sorted({r["policy_version"] for r in results})
+        if len(versions) != 1:
+            raise MonitorError(f"vLLM workers loaded different policy versions {versions}; check that every "
+                               "node reads the same policy files")
+        return versions
+
+    def close(self) -> None:
+        """Shut the engine down and stop the event-loop thread."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+            self.engine = None
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> VLLMMonitor:
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.close()
+
+    def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    # ------------------------------------------------------------------ policies
+    def reload(self) -> str:
+        """Reload the policy files on the front end and in every worker; return the version.
+
+        Bad files are rejected on the front end first (nothing changes). Raises
+        :class:`MonitorError` when the workers do not all end on the front end's version."""
+        result = self.store.reload()
+        if not result.ok:
+            raise MonitorError(f"policy reload rejected: {result.error}")
+        versions = self._call(self._reload_workers())
+        if set(versions) != {self.store.version_id}:
+            raise MonitorError(f"policy reload reached the workers unevenly: front end {self.store.version_id}, "
+                               f"workers {sorted(set(versions))}")
+        self.policy_version = self.store.version_id
+        return self.policy_version
+
+    async def _reload_workers(self) -> list[str]:
+        return list(await self.engine.collective_rpc("sae_monitor_reload"))
+
+    # ------------------------------------------------------------------ requests
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: a string (one user turn), chat messages, or ids as given."""
+        from monitor.data import token_ids
+
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if prompt and isinstance(prompt[0], int):
+            return [int(t) for t in prompt]  # type: ignore[arg-type]
+        ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+        return list(token_ids(ids))
+
+    def generate(self, prompts: Sequence[Prompt], *, max_tokens: int = 64, **sampling: Any) -> list[Completion]:
+        """Run ``prompts`` concurrently (continuous batching); greedy unless ``temperature`` is given."""
+
+        async def run_all() -> list[Completion]:
+            return list(await asyncio.gather(*(self.agenerate(p, max_tokens=max_tokens, **sampling)
+                                               for p in prompts)))
+
+        return self._call(run_all())
+
+    async def agenerate(self, prompt: Prompt, *, max_tokens: int = 64, **sampling: Any) -> Completion:
+        """One monitored request, awaited to the end (call from the monitor's loop, or use
+        :meth:`submit` from another loop)."""
+        completion: Completion | None = None
+        async for item in self.astream(prompt, max_tokens=max_tokens, **sampling):
+            if isinstance(item, Completion):
+                completion = item
+        assert completion is not None
+        return completion
+
+    def submit(self, coro: Any) -> asyncio.Future:
+        """Run a coroutine of this monitor (``agenerate``, ``astream`` consumers) on its loop and
+        return an awaitable for the caller's loop (how a web server calls the engine)."""
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    async def astream(self, prompt: Prompt, *, max_tokens: int = 64, **sampling: Any) -> AsyncIterator[str | Completion]:
+        """Yield text chunks as they are cleared by the monitor, then the :class:`Completion`."""
+        from vllm import SamplingParams
+
+        if self.dead:
+            self.failures += 1
+            raise EngineFailed(self.dead)
+        if sampling.get("ignore_eos") or sampling.get("min_tokens"):
+            raise MonitorError("ignore_eos and min_tokens cannot be used under the monitor: a block ends the "
+                               "request by making it sample its end-of-sequence token; drop those options")
+        started = time.perf_counter()
+        ids = self.prompt_ids(prompt)
+        request_id = uuid.uuid4().hex
+        params = SamplingParams(**{"temperature": 0.0, **sampling}, max_tokens=max_tokens + 1,
+                                extra_args={EXTRA_ARGS_KEY: request_id})
+        self.requests += 1
+        tokens: list[int] = []
+        released = ""
+        finished = False
+        try:
+            async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id):
+                tokens = list(out.outputs[0].token_ids)
+                finished = out.finished
+                if not finished:
+                    chunk, released = self._release(tokens[:min(len(tokens) - 1, max_tokens)], released)
+                    if chunk:
+                        yield chunk
+            summary = await self._collect(request_id)
+        except asyncio.CancelledError:
+            await self._abort(request_id)
+            raise
+        except (MonitorError, EngineFailed):
+            raise
+        except Exception as exc:  # the engine died or failed: fail closed, count it
+            self.failures += 1
+            if _is_dead(exc):
+                self.dead = f"the vLLM engine process died ({_reason(exc)}); restart the service"
+            raise EngineFailed(self.dead or f"the vLLM engine failed: {_reason(exc)}") from None
+        completion = self._complete(ids, tokens, max_tokens, summary, started, finished)
+        tail, _ = self._release(list(completion.token_ids), released, final=True)
+        if tail:
+            yield tail
+        yield completion
+
+    def _release(self, tokens: list[int], released: str, final: bool = False) -> tuple[str, str]:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if not final and "\ufffd" in text[len(released):]:  # maybe an unfinished character
+            return "", released
+        if not text.startswith(released):
+            return "", released
+        return text[len(released):], text
+
+    async def _collect(self, request_id: str) -> Summary | None:
+        results = await self.engine.collective_rpc("sae_monitor_collect", args=(request_id,))
+        for raw in results:
+            if raw is not None:
+                return pickle.loads(raw)
+        return None
+
+    async def _abort(self, request_id: str) -> None:
+        try:
+            await self.engine.abort(request_id)
+            await self._collect(request_id)
+        except Exception:  # noqa: BLE001 - best effort cleanup on cancellation
+            pass
+
+    def _complete(self, prompt: list[int], tokens: list[int], max_tokens: int, summary: Summary | None,
+                  started: float, finished: bool) -> Completion:
+        report = _report(summary, self.store.version_id)
+        report.total_seconds = time.perf_counter() - started
+        if summary is None:
+            report.error = "the workers returned no monitoring summary for this request"
+        if report.error and not report.failed_open:
+            raise MonitorUnavailable(f"monitoring failed and the monitor fails closed: {report.error}", report)
+        if 0 in report.blocks:
+            block = report.blocks[0]
+            keep = block.token_index if block.scope == "response" else 0
+            text = block_text(block.message, after_text=keep > 0)
+            message = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            kept = tokens[:keep]
+            out = Completion(tuple(kept + message), self.tokenizer.decode(kept, skip_special_tokens=True) + text,
+                             "blocked", report, tuple(prompt))
+            if self.config.block_behavior == "raise":
+                raise Blocked(block.message, report)
+            return out
+        reason: Literal["stop", "length"] = "length" if len(tokens) > max_tokens else "stop"
+        kept = tokens[:max_tokens]
+        return Completion(tuple(kept), self.tokenizer.decode(kept, skip_special_tokens=True), reason, report,
+                          tuple(prompt))
+
+
+def _report(summary: Summary | None, version: str) -> Report:
+    """The transformers path's :class:`Report` (one row) from a worker's summary."""
+    if summary is None:
+        return Report(request_id=uuid.uuid4().hex, policy_version=version, row_outcomes=["error"])
+    report = Report(request_id=summary.req_id, policy_version=summary.policy_version,
+                    hits=list(summary.hits), steers=list(summary.steers), error=summary.error,
+                    failed_open=summary.failed_open, tokens_monitored=dict(summary.tokens_monitored),
+                    monitor_seconds=summary.monitor_seconds, features=summary.features,
+                    peaks={scope: torch.tensor([values]) for scope, values in summary.peaks.items()},
+                    row_outcomes=["steered" if summary.steered else "allowed"])
+    if summary.block is not None:
+        b = summary.block
+        report.blocks[0] = BlockInfo(0, b.rule_id, b.message, b.scope, b.token_index)
+        report.row_outcomes = ["blocked"]
+    return report
+
+
+def _is_dead(exc: BaseException) -> bool:
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError:  # pragma: no cover - vLLM moved it
+        return "dead" in type(exc).__name__.lower()
+    return isinstance(exc, EngineDeadError) or isinstance(exc.__cause__, EngineDeadError)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def from_default(**options: Any) -> VLLMMonitor:
+    """The default model (converted once into the cache) under the shipped SAE and policies."""
+    from monitor.models import default_model_cache_dir, load_default_model
+
+    model_dir = default_model_cache_dir()
+    if not (Path(model_dir) / "config.json").is_file():
+        load_default_model()  # converts the GGUF into the cache directory vLLM reads
+    return VLLMMonitor(MonitorConfig(model=str(model_dir), **options))
