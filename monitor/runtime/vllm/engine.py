@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +51,7 @@ class Completion:
     text: str
     finish_reason: Literal["stop", "length", "blocked"]
     report: Report
+    kept: int  # how many of token_ids the model generated (the rest is a block message)
     prompt_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
 
@@ -133,6 +135,32 @@ class VLLMMonitor:
     def _call(self, coro: Any, timeout: float | None = None) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
+    def submit_sync(self, coro: Any) -> Any:
+        """Run a coroutine of this monitor on its loop from any thread and wait for it."""
+        return self._call(coro)
+
+    def iterate(self, agen: AsyncIterator[Any]) -> Iterator[Any]:
+        """Iterate an async generator of this monitor (``astream``) from any thread."""
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        async def pump() -> None:
+            try:
+                async for item in agen:
+                    events.put(("item", item))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                events.put(("error", exc))
+            else:
+                events.put(("done", None))
+
+        asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        while True:
+            kind, value = events.get()
+            if kind == "error":
+                raise value
+            if kind == "done":
+                return
+            yield value
+
     # ------------------------------------------------------------------ policies
     def reload(self) -> str:
         """Reload the policy files on the front end and in every worker; return the version.
@@ -194,7 +222,7 @@ class VLLMMonitor:
 
         if self.dead:
             self.failures += 1
-            raise EngineFailed(self.dead)
+            raise EngineFailed(self.dead, _failed_report(self.dead, self.store.version_id))
         if sampling.get("ignore_eos") or sampling.get("min_tokens"):
             raise MonitorError("ignore_eos and min_tokens cannot be used under the monitor: a block ends the "
                                "request by making it sample its end-of-sequence token; drop those options")
@@ -223,11 +251,12 @@ class VLLMMonitor:
             raise
         except Exception as exc:  # the engine died or failed: fail closed, count it
             self.failures += 1
-            if _is_dead(exc):
+            if _is_dead(exc) or getattr(self.engine, "errored", False):
                 self.dead = f"the vLLM engine process died ({_reason(exc)}); restart the service"
-            raise EngineFailed(self.dead or f"the vLLM engine failed: {_reason(exc)}") from None
+            message = self.dead or f"the vLLM engine failed: {_reason(exc)}"
+            raise EngineFailed(message, _failed_report(message, self.store.version_id)) from None
         completion = self._complete(ids, tokens, max_tokens, summary, started, finished)
-        tail, _ = self._release(list(completion.token_ids), released, final=True)
+        tail, _ = self._release(list(completion.token_ids[:completion.kept]), released, final=True)
         if tail:
             yield tail
         yield completion
@@ -269,14 +298,14 @@ class VLLMMonitor:
             message = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             kept = tokens[:keep]
             out = Completion(tuple(kept + message), self.tokenizer.decode(kept, skip_special_tokens=True) + text,
-                             "blocked", report, tuple(prompt))
+                             "blocked", report, len(kept), tuple(prompt))
             if self.config.block_behavior == "raise":
                 raise Blocked(block.message, report)
             return out
         reason: Literal["stop", "length"] = "length" if len(tokens) > max_tokens else "stop"
         kept = tokens[:max_tokens]
         return Completion(tuple(kept), self.tokenizer.decode(kept, skip_special_tokens=True), reason, report,
-                          tuple(prompt))
+                          len(kept), tuple(prompt))
 
 
 def _report(summary: Summary | None, version: str) -> Report:
@@ -294,6 +323,10 @@ def _report(summary: Summary | None, version: str) -> Report:
         report.blocks[0] = BlockInfo(0, b.rule_id, b.message, b.scope, b.token_index)
         report.row_outcomes = ["blocked"]
     return report
+
+
+def _failed_report(error: str, version: str) -> Report:
+    return Report(request_id=uuid.uuid4().hex, policy_version=version, row_outcomes=["error"], error=error)
 
 
 def _is_dead(exc: BaseException) -> bool:

@@ -12,12 +12,14 @@ from typing import Any, Literal
 
 from monitor.errors import ModelLoadError, MonitorError, SAEMismatchError
 from monitor.runtime.vllm.spec import MonitorSpec
+from monitor.wrapper import MonitorUnavailable
 
 VLLM_EXTRA = "sae-monitor[vllm]"
 
 
-class EngineFailed(MonitorError):
-    """The vLLM engine failed or died while serving: the request was refused (fail closed)."""
+class EngineFailed(MonitorUnavailable):
+    """The vLLM engine failed or died while serving: the request was refused (fail closed).
+    A :class:`~monitor.wrapper.MonitorUnavailable`, so servers answer it as one (503)."""
 
 
 def require_vllm() -> None:
@@ -81,6 +83,10 @@ def load_parts(config: MonitorConfig) -> Parts:
     for key, why in REFUSED_ARGS.items():
         if config.engine_args.get(key):
             raise MonitorError(f"engine_args[{key!r}]: the monitor does not support {why}; remove it")
+    if int(config.engine_args.get("pipeline_parallel_size", 1)) > 1:
+        raise MonitorError("engine_args['pipeline_parallel_size']: pipeline parallelism is not supported yet (a "
+                           "block decided on the SAE's stage cannot reach the sampling stage); use tensor "
+                           "parallelism or data-parallel replicas (docs/vllm.md)")
     hf_config = _model_config(config.model)
     sae = load_sae(config.sae)
     _check_fit(config, sae, hf_config)
