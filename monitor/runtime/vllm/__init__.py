@@ -10,6 +10,7 @@ Importing this package does not import vLLM; :func:`require_vllm` raises a
 :class:`~monitor.errors.MonitorError` naming the extra when it is missing.
 """
 
-from monitor.runtime.vllm.setup import EngineFailed, MonitorConfig, require_vllm, vllm_available
+from monitor.runtime.vllm.setup import (EngineFailed, MonitorConfig, require_vllm, resolve_engine,
+                                        vllm_available)
 
-__all__ = ["EngineFailed", "MonitorConfig", "require_vllm", "vllm_available"]
+__all__ = ["EngineFailed", "MonitorConfig", "require_vllm", "resolve_engine", "vllm_available"]

@@ -20,6 +20,8 @@ EXTENSION = "monitor.runtime.vllm.extension.MonitorWorkerExtension"
 class MonitorWorkerExtension:
     """Methods added to vLLM's worker class; ``self`` is the worker (``self.model_runner``)."""
 
+    model_runner: Any  # provided by vLLM's worker this class is mixed into
+
     def sae_monitor_install(self, spec: bytes) -> dict[str, Any]:
         """Load the SAE, catalog and policies named by ``spec`` and hook the model."""
         from monitor.runtime.vllm.worker import WorkerMonitor

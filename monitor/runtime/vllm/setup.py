@@ -148,3 +148,16 @@ def _tokenizer(model: str) -> Any:
     except Exception as exc:  # noqa: BLE001 - any loader failure becomes one clear error
         raise ModelLoadError(f"{model}: the tokenizer could not be loaded ({type(exc).__name__}: {exc}); "
                              "pass a model directory with tokenizer files") from None
+
+
+def resolve_engine(engine: str | None) -> Literal["transformers", "vllm"]:
+    """The serving engine for ``serve --engine``: ``transformers`` (also for None), ``vllm``
+    (raises naming the extra when vLLM is missing) or ``auto`` (vLLM where installed)."""
+    if engine in (None, "transformers"):
+        return "transformers"
+    if engine == "auto":
+        return "vllm" if vllm_available() else "transformers"
+    if engine == "vllm":
+        require_vllm()
+        return "vllm"
+    raise MonitorError(f"engine must be 'transformers', 'vllm' or 'auto', got {engine!r}")
