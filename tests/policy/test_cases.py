@@ -8,12 +8,12 @@ import pytest
 
 from monitor.errors import PolicyError
 from monitor.policy import compile_policies
-from monitor.policy.cases import (Case, CaseFile, find_case_files, load_case_file,
-                                  load_case_files, run_cases)
+from monitor.policy.cases import Case, CaseFile, find_case_files, load_case_file, load_case_files
 from monitor.policy.loader import SourceRef
+from monitor.runtime.policy_tests import run_cases
 from monitor.sae import SAE
-from monitor.wrapper import Monitor
-from tests.builders import tied_sae, tiny_model
+from monitor.runtime.hf import Monitor
+from monitor.testing import tied_sae, tiny_model
 from tests.policy.helpers import write
 
 LAYER = 2
@@ -22,7 +22,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-# A ReLU latent is >= 0, so `above: -1.0` fires on every monitored token and `above: 1e9` never.
+# A ReLU latent is >= 0, so `above: -1.0` fires on every monitored token and `above: 1e9` never
+# (an enforce rule must say `allow_always_true: true` for that).
 POLICY = """\
 version: "1"
 rules:
@@ -31,6 +32,7 @@ rules:
     severity: high
     scope: response
     when: {latent: 0, above: -1.0}
+    allow_always_true: true
     actions: [log, {block: {message: BLOCKED}}]
   - id: code.never
     description: never fires
@@ -197,7 +199,7 @@ def test_errors_in_the_policy_under_test_point_into_the_policy(tmp_path):
     assert errs and all(e.startswith(f"{policy}:") for e in errs)
     assert any("unknown key 'abvoe'; did you mean 'above'?" in e for e in errs)
     out_of_range = write(tmp_path, "p.yaml", POLICY.replace("latent: 3", "latent: 99"))
-    assert any(e.startswith(f"{out_of_range}:12:20:") and "out of range" in e
+    assert any(e.startswith(f"{out_of_range}:13:20:") and "out of range" in e
                for e in problems(tests, d_sae=D_SAE))
 
 
@@ -275,6 +277,7 @@ def test_steered_outcome_and_chat_messages(tmp_path, monitor_for):
             severity: low
             scope: response
             when: {latent: 0, above: -1.0}
+            allow_always_true: true
             actions: [{steer: {latent: 0, scale: 0.5}}]
         """)
     loaded = load_case_file(write(tmp_path, "s.tests.yaml", """\
@@ -305,7 +308,7 @@ def test_expected_rules_missing_from_the_monitor_policy_fail_the_case(tmp_path, 
 
 
 def _chat_tokenizer():
-    from tests.builders import tiny_tokenizer
+    from monitor.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     tok.chat_template = CHAT_TEMPLATE

@@ -3,13 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monitor import baselines
+from monitor.evaluation import baselines
+from monitor.evaluation.items import scan_ids
 from monitor.capture import HookPoint, capture
 from monitor.policy import compile_policies, load_policies
 from monitor.sae import SAE, SAEConfig
 from monitor.stats import auroc
-from monitor.wrapper import Monitor
-from tests.builders import tiny_model, tiny_tokenizer
+from monitor.runtime.hf import Monitor
+from monitor.testing import tiny_model, tiny_tokenizer
 
 LAYER = 2
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -32,7 +33,7 @@ def test_scan_ids_tokenises_like_monitor_scan(tmp_path):
     special = set(tok.all_special_ids)
     messages = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello you"}]
     for text, prompt in [("print(1)", "def f():\n"), ("just a response", None), (messages, None)]:
-        ids, start = baselines.scan_ids(tok, text, prompt)
+        ids, start = scan_ids(tok, text, prompt)
         report = mon.scan(text, prompt=prompt)
         response = [i for i in ids[start:] if i not in special]
         expected_response = len(response) if start else len(response) - (ids[0] not in special)

@@ -8,8 +8,9 @@ import torch
 from monitor.capture import HookPoint, capture
 from monitor.policy import compile_policies, load_policies
 from monitor.sae import SAE
-from monitor.wrapper import Blocked, Monitor, MonitorUnavailable
-from tests.builders import tied_sae, tiny_model
+from monitor.errors import Blocked, MonitorUnavailable
+from monitor.runtime.hf import Monitor
+from monitor.testing import tied_sae, tiny_model
 
 LAYER = 2
 GEN = dict(max_new_tokens=8, do_sample=False)
@@ -91,10 +92,12 @@ def test_quiet_policy_is_identical_to_unmonitored(setup, tmp_path):
 def test_block_cuts_before_the_token_that_fired(setup, tmp_path):
     model, tok, prompt, plain = setup
     mon, index, _ = monitor_blocking_at(model, tok, prompt, plain, tmp_path)
-    out = mon.generate(prompt, pad_token_id=tok.pad_token_id, **GEN)
+    message = tok("\n\nBLOCKED", add_special_tokens=False)["input_ids"]
+    # room for the kept tokens and the whole message within max_new_tokens
+    out = mon.generate(prompt, pad_token_id=tok.pad_token_id, do_sample=False,
+                       max_new_tokens=GEN["max_new_tokens"] + len(message))
     report = mon.last_report
     assert report.outcome == "blocked" and report.blocks[0].token_index == index
-    message = tok("\n\nBLOCKED", add_special_tokens=False)["input_ids"]
     expected = plain[0, :prompt.shape[1] + index].tolist() + message
     assert out[0].tolist()[:len(expected)] == expected
     with pytest.raises(Blocked) as err:
@@ -264,7 +267,7 @@ def test_close_restores_model(setup, tmp_path):
 def test_wrap_pipeline_is_drop_in(setup, tmp_path):
     from transformers import pipeline
 
-    from monitor.wrapper import wrap
+    from monitor import wrap
 
     model, tok, prompt, plain = setup
     pipe = pipeline("text-generation", model=model, tokenizer=tok, device="cpu")
@@ -275,7 +278,7 @@ def test_wrap_pipeline_is_drop_in(setup, tmp_path):
     assert got == expected
     assert wrapped.last_report.hits and wrapped.last_report.outcome == "allowed"
     blocking = wrap(pipe, sae=make_sae(), policies=policy(tmp_path, rule(above=-1.0)), self_test=False)
-    out = blocking(text, max_new_tokens=6, do_sample=False)
+    out = blocking(text, max_new_tokens=12, do_sample=False)  # room for the message's 7 byte tokens
     assert out[0]["generated_text"].endswith("BLOCKED")
 
 

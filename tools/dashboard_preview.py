@@ -8,10 +8,10 @@ headless Chromium. It is a preview and a check that each panel's query returns d
 the JSON into Grafana for the real dashboard.
 
     # against your Prometheus
-    python examples/dashboard_preview.py --prometheus http://127.0.0.1:9090 --out preview.html
+    python tools/dashboard_preview.py --prometheus http://127.0.0.1:9090 --out preview.html
     # start the default model under the shipped policies, a Prometheus scraping it, send
     # traffic (one rejected policy reload included), then draw: docs/dashboard-preview.png
-    python examples/dashboard_preview.py --demo --png docs/dashboard-preview.png
+    python tools/dashboard_preview.py --demo --png docs/dashboard-preview.png
 
 ``--demo`` needs Debian's ``prometheus``; ``--png`` needs ``chromium``.
 """
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-DASHBOARD = HERE / "grafana-dashboard.json"
+DASHBOARD = HERE.parent / "examples" / "grafana-dashboard.json"
 GRID_COLUMN_PX, GRID_ROW_PX = 58, 30          # Grafana's grid: 24 columns, rows of 30 px
 PALETTE = ["#73bf69", "#f2495c", "#5794f2", "#ff9830", "#b877d9", "#fade2a", "#8ab8ff", "#ff7383",
            "#96d98d", "#ffb357"]

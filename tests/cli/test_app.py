@@ -1,5 +1,9 @@
+"""The ``sae-monitor`` parser and ``main``: commands, shared options, errors as one line."""
+
 from __future__ import annotations
 
+import importlib
+import io
 import json
 import subprocess
 import sys
@@ -8,6 +12,7 @@ import pytest
 
 from monitor import __version__
 from monitor.cli import main
+from monitor.cli.app import COMMAND_MODULES, build_parser
 
 
 def test_version(capsys):
@@ -55,3 +60,35 @@ def test_a_missing_input_fails_before_the_model_loads(argv, tmp_path, capsys, mo
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sae-monitor: error: --") and "missing" in err and "no such file or directory" in err
+
+
+def test_no_command_prints_help_to_the_given_stream():
+    out, err = io.StringIO(), io.StringIO()
+    assert main([], out=out, err=err) == 0
+    assert out.getvalue().startswith("usage: sae-monitor") and err.getvalue() == ""
+    for command in ("info", "demo", "train", "sae-eval", "discover", "explain", "eval", "serve",
+                    "policy"):
+        assert f"    {command} " in out.getvalue()
+
+
+def test_every_command_module_registers_through_add_parser():
+    for name in COMMAND_MODULES:
+        assert callable(importlib.import_module(name).add_parser), name
+    # a parser of only some modules has only their commands
+    parser = build_parser(["monitor.cli.serve"])
+    assert parser.parse_args(["serve"]).func.__name__ == "cmd_serve"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["info"])
+
+
+def test_shared_options_mean_the_same_in_every_command():
+    parser = build_parser()
+    discover = parser.parse_args(["discover", "--data", "x"])
+    explain = parser.parse_args(["explain", "7"])
+    for args in (discover, explain):
+        assert (args.model, args.sae, args.dtype, args.batch_size, args.ctx) == (
+            "default", "default", "bfloat16", 8, 256)
+    evl = parser.parse_args(["eval", "--data", "x", "--json", "--catalog", "c.yaml", "--limit", "3"])
+    assert (evl.json, evl.catalog, evl.limit, evl.model, evl.sae) == (True, "c.yaml", 3, "default", "default")
+    test = parser.parse_args(["policy", "test", "p.yaml", "--catalog", "c.yaml"])
+    assert (test.model, test.sae, test.catalog) == ("default", "default", "c.yaml")

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from monitor.policy.cli import add_parser, check_policies, run_policy_tests, sae_width
-from tests.builders import tiny_model, tiny_tokenizer
+from monitor.cli.common import build_parents
+from monitor.cli.policy import add_parser, check_policies, run_policy_tests, sae_width
+from monitor.testing import tiny_model, tiny_tokenizer
 from tests.policy.helpers import CATALOG_YAML, write
 from tests.policy.test_cases import D_SAE, POLICY, TESTS, make_sae
 
@@ -72,8 +73,8 @@ def test_check_reports_every_error_of_every_file_located(tmp_path):
     assert status == 1 and out == ""
     lines = err.splitlines()
     assert lines[-1] == "2 problems"
-    assert lines[0].startswith(f"{a}:12:") and "unknown key 'abvoe'" in lines[0]
-    assert lines[1].startswith(f"{b}:11:") and "'lo' is not one of" in lines[1]
+    assert lines[0].startswith(f"{a}:13:") and "unknown key 'abvoe'" in lines[0]
+    assert lines[1].startswith(f"{b}:12:") and "'lo' is not one of" in lines[1]
     assert "Traceback" not in err
 
 
@@ -188,12 +189,13 @@ def test_policy_test_exit_2_when_nothing_can_run(tmp_path, saved):
 # ---------------------------------------------------------------------------- argparse
 
 
-def test_add_parser_wires_check_and_test(tmp_path, capsys):
+def test_add_parser_wires_check_and_test(tmp_path):
     parser = argparse.ArgumentParser(prog="sae-monitor")
-    add_parser(parser.add_subparsers(dest="command"))
+    add_parser(parser.add_subparsers(dest="command"), build_parents())
     args = parser.parse_args(["policy", "check", str(write(tmp_path, "p.yaml", POLICY)),
                               "--sae", "none"])
-    assert args.func(args) == 0 and "code.always_block" in capsys.readouterr().out
+    out, err = io.StringIO(), io.StringIO()
+    assert args.func(args, out, err) == 0 and "code.always_block" in out.getvalue()
     args = parser.parse_args(["policy", "test", "x", "--model", "m", "--sae", "s", "-v"])
     assert (args.paths, args.model, args.sae, args.catalog, args.verbose) == (
         ["x"], "m", "s", None, True)
@@ -205,3 +207,12 @@ def test_add_parser_wires_check_and_test(tmp_path, capsys):
 def test_sae_width_of_a_saved_sae(saved):
     assert sae_width(saved / "sae") == D_SAE
     assert sae_width("none") is None
+
+
+def test_the_sae_file_names_check_reads_are_the_loaders():
+    import monitor.sae
+    from monitor.cli import policy
+
+    assert (policy.SAELENS_CFG, policy.SPARSIFY_WEIGHTS) == (monitor.sae.SAELENS_CFG,
+                                                             monitor.sae.SPARSIFY_WEIGHTS)
+    assert policy.SHIPPED_DIR == monitor.sae.SHIPPED_DIR.resolve()

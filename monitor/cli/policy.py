@@ -14,6 +14,8 @@ and SAE with ``Monitor.scan`` and prints ``PASS``/``FAIL`` per case with the rea
 
 The command functions take plain arguments and output streams and return the exit status, so
 they are tested without a subprocess; :func:`add_parser` registers both under ``policy``.
+Policy, catalog and model code is imported inside the functions: ``policy check`` runs in
+pre-commit hooks and ``policy test --help`` should answer at once.
 """
 
 from __future__ import annotations
@@ -23,21 +25,24 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from monitor.catalog import Catalog, load_catalog
+from monitor.cli.common import Parents, Subparsers
 from monitor.errors import CatalogError, MonitorError, PolicyError, SAEFormatError
-from monitor.policy.cases import (CaseFile, CaseResult, find_case_files, is_case_file,
-                                  load_case_files, run_cases)
-from monitor.policy.engine import compile_policies
-from monitor.policy.loader import PolicySet, load_policies, walk_conditions
-from monitor.policy.schema import Rule
+from monitor.shipped import SHIPPED_CATALOG, SHIPPED_SAES
+
+if TYPE_CHECKING:
+    from monitor.catalog import Catalog
+    from monitor.policy.cases import CaseFile
+    from monitor.runtime.policy_tests import CaseResult
+    from monitor.policy.loader import PolicySet
+    from monitor.policy.schema import Rule
 
 # ============================================================================ argparse
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``policy check`` and ``policy test`` on a ``add_subparsers()`` object."""
+def add_parser(subparsers: Subparsers, parents: Parents) -> None:
+    """Register ``policy check`` and ``policy test``."""
     policy = subparsers.add_parser("policy", help="validate policy files and run their test cases")
     commands = policy.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
 
@@ -56,42 +61,41 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
 
     test = commands.add_parser(
-        "test", help="run each policy's *.tests.yaml cases through the model and SAE",
+        "test", parents=[parents.model, parents.sae, parents.catalog],
+        help="run each policy's *.tests.yaml cases through the model and SAE",
         description="Run test cases through the real model and SAE. Exit 0 if all pass, "
                     "1 if any fails, 2 if they could not run.")
     test.add_argument("paths", nargs="+", metavar="PATH",
                       help="policy files (their x.tests.yaml is used), directories or test files")
-    test.add_argument("--model", default="default",
-                      help="'default' or a Hugging Face model directory")
-    test.add_argument("--sae", default="default", help="'default' or an SAE directory")
-    test.add_argument("--catalog", default=None, help=(
-        "feature catalog (default: the shipped catalog with --sae default)"))
     test.add_argument("-v", "--verbose", action="store_true",
                       help="also show which rules fired in passing cases")
     test.set_defaults(func=cmd_test)
-    return policy
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``sae-monitor policy check``."""
-    return check_policies(args.paths, sae=args.sae, catalog=args.catalog)
+    return check_policies(args.paths, sae=args.sae, catalog=args.catalog, out=out, err=err)
 
 
-def cmd_test(args: argparse.Namespace) -> int:
+def cmd_test(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``sae-monitor policy test``."""
     return run_policy_tests(args.paths, model=args.model, sae=args.sae, catalog=args.catalog,
-                            verbose=args.verbose)
+                            verbose=args.verbose, out=out, err=err)
 
 
 # ============================================================================ SAE and catalog
+
+# The SAE file names sae_width reads (monitor.sae.SAELENS_CFG and SPARSIFY_WEIGHTS, spelled
+# here because monitor.sae imports torch; tests/cli/test_policy.py checks they agree).
+SAELENS_CFG = "cfg.json"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+SHIPPED_DIR = SHIPPED_SAES
 
 
 def sae_width(sae: str | Path) -> int | None:
     """``d_sae`` of an SAE (``"default"``, a directory, or ``"none"`` -> None), reading no weights
     when the layout allows: SAELens ``cfg.json``, else the sparsify safetensors header; only
-    other layouts (Gemma Scope ``params.npz``) are loaded in full."""
-    from monitor.sae import SAELENS_CFG, SHIPPED_DIR, SPARSIFY_WEIGHTS, load_sae
-
+    other layouts (Gemma Scope ``params.npz``) are loaded in full (and only they import torch)."""
     name = str(sae)
     if name.lower() == "none":
         return None
@@ -112,18 +116,20 @@ def sae_width(sae: str | Path) -> int | None:
         from safetensors import safe_open
 
         try:
-            with safe_open(str(path / SPARSIFY_WEIGHTS), "pt") as f:
+            with safe_open(str(path / SPARSIFY_WEIGHTS), "numpy") as f:
                 return int(f.get_slice("encoder.weight").get_shape()[0])
         except Exception as exc:  # noqa: BLE001 - safetensors has its own error types
             raise SAEFormatError(f"{path / SPARSIFY_WEIGHTS}: cannot read the width of "
                                  f"'encoder.weight': {exc}") from None
+    from monitor.sae import load_sae
+
     return load_sae(sae).cfg.d_sae
 
 
 def resolve_catalog(sae: str | Path, catalog: str | Path | None, d_sae: int | None
                     ) -> Catalog | None:
     """The catalog given, else the shipped one for ``--sae default`` (as ``monitor.wrap`` does)."""
-    from monitor.wrapper import SHIPPED_CATALOG
+    from monitor.catalog import load_catalog
 
     if catalog is not None:
         return load_catalog(catalog, d_sae=d_sae)
@@ -155,6 +161,9 @@ def check_policies(paths: Sequence[str | Path], *, sae: str | Path = "default",
                    err: TextIO | None = None) -> int:
     """``policy check``: 0 and a table of rules when everything is valid, else 1 and every
     problem as ``file:line:column: message`` on ``err``."""
+    from monitor.policy.cases import find_case_files, is_case_file, load_case_files
+    from monitor.policy.loader import load_policies
+
     out = out or sys.stdout
     err = err or sys.stderr
     try:
@@ -169,7 +178,7 @@ def check_policies(paths: Sequence[str | Path], *, sae: str | Path = "default",
     if policy_paths:
         try:
             policy_set = load_policies(policy_paths, cat, d_sae=d_sae)
-            errors += _binding_errors(policy_set, cat, d_sae)
+            errors += _binding_errors(policy_set, cat)
         except PolicyError as exc:
             errors += _error_lines(exc)
     errors += [f"{p}: no such test file" for p in test_paths if not p.is_file()]
@@ -192,15 +201,12 @@ def check_policies(paths: Sequence[str | Path], *, sae: str | Path = "default",
     return 0
 
 
-def _binding_errors(policy_set: PolicySet, catalog: Catalog | None, d_sae: int | None
-                    ) -> list[str]:
-    """What compiling would reject (names without a catalog); without d_sae, checked here."""
-    if d_sae is not None:
-        try:
-            compile_policies(policy_set, catalog, d_sae=d_sae)
-        except PolicyError as exc:
-            return _error_lines(exc)
-        return []
+def _binding_errors(policy_set: PolicySet, catalog: Catalog | None) -> list[str]:
+    """What compiling would reject beyond the loader's checks: feature names without a catalog.
+
+    The loader already checked names against the catalog and latents against ``d_sae`` (the
+    rest of what :func:`~monitor.policy.compile_policies` rejects), so check does not compile
+    and does not import torch."""
     if catalog is not None:
         return []
     errors = []
@@ -214,6 +220,8 @@ def _binding_errors(policy_set: PolicySet, catalog: Catalog | None, d_sae: int |
 
 def _features(rule: Rule) -> list[str]:
     """Labels of every column a rule reads or steers, in order, without repeats."""
+    from monitor.policy.tree import walk_conditions
+
     labels = [leaf.label for _, leaf in walk_conditions(rule.when, ())]
     for action in rule.actions:
         if action.steer is not None:
@@ -250,9 +258,11 @@ def run_policy_tests(paths: Sequence[str | Path], *, model: str | Path = "defaul
     """``policy test``: run every case of the test files for ``paths`` and print the results.
 
     Files are validated before the model loads, so a typo costs no model load.
-    ``monitor_options`` go to :class:`~monitor.wrapper.Monitor` (``self_test=False`` in tests
+    ``monitor_options`` go to :class:`~monitor.runtime.hf.Monitor` (``self_test=False`` in tests
     with random weights). Returns 0 (all passed), 1 (a case failed) or 2 (could not run).
     """
+    from monitor.policy.cases import find_case_files, load_case_files
+
     out = out or sys.stdout
     err = err or sys.stderr
     found = find_case_files(paths)
@@ -285,8 +295,10 @@ def _run_files(case_files: Sequence[CaseFile], model_name: str | Path, sae_name:
                catalog: Catalog | None, d_sae: int, verbose: bool, out: TextIO,
                options: dict[str, Any]) -> list[CaseResult]:
     from monitor.models import load_model
+    from monitor.policy.compile import compile_policies
+    from monitor.runtime.policy_tests import run_cases
     from monitor.sae import load_sae
-    from monitor.wrapper import Monitor
+    from monitor.runtime.hf import Monitor
 
     model, tokenizer = load_model(str(model_name))
     sae = load_sae(sae_name)
