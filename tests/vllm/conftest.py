@@ -37,7 +37,7 @@ def model_dir() -> str:
 @pytest.fixture(scope="session")
 def policy_dir(tmp_path_factory) -> Path:
     """A copy of the shipped policies the tests may rewrite (reload is tested on it)."""
-    from monitor.wrapper import shipped_policies_dir
+    from monitor.shipped import shipped_policies_dir
 
     target = tmp_path_factory.mktemp("policies")
     for path in shipped_policies_dir().glob("*.yaml"):

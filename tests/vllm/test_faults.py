@@ -21,7 +21,7 @@ from monitor.capture import HookPoint
 from monitor.errors import ModelLoadError, SAEMismatchError
 from monitor.runtime.vllm import EngineFailed, MonitorConfig
 from monitor.runtime.vllm.engine import VLLMMonitor
-from tests import builders
+from monitor import testing as builders
 from tests.vllm.conftest import ENGINE_ARGS, MAX_MODEL_LEN
 
 pytestmark = pytest.mark.e2e

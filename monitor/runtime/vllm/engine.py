@@ -10,8 +10,9 @@ monitor's worker extension, installs the SAE and policies in every worker, and r
 * streamed text holds back the newest token: every older token has been evaluated, and a
   block would have ended the request in the step that evaluated it (the worker forces the stop
   token), so no token after the firing one is ever sent;
-* when the request ends, the worker's summary is collected (one ``collective_rpc``) and turned
-  into the same :class:`~monitor.wrapper.Report` the transformers path gives; a blocked
+* when the request ends, the worker's report is collected (one ``collective_rpc``): the
+  same :class:`~monitor.report.Report` the transformers path gives, built by the same core
+  :class:`~monitor.runtime.session.Session`; a blocked
   response is cut before the firing token and ends with the rule's message.
 
 Faults fail closed: an engine that dies mid-request raises :class:`EngineFailed` (counted in
@@ -31,14 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from monitor.errors import MonitorError
 from monitor.runtime.vllm.extension import EXTENSION, encode_spec
 from monitor.runtime.vllm.setup import EngineFailed, MonitorConfig, load_parts, require_vllm
 from monitor.runtime.vllm.spec import EXTRA_ARGS_KEY
-from monitor.runtime.vllm.tracker import Summary
-from monitor.wrapper import BlockInfo, Blocked, MonitorUnavailable, Report
+from monitor.errors import Blocked, MonitorUnavailable
+from monitor.report import Report
+from monitor.runtime.outputs import block_text
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
 
@@ -53,12 +53,6 @@ class Completion:
     report: Report
     kept: int  # how many of token_ids the model generated (the rest is a block message)
     prompt_token_ids: tuple[int, ...] = field(default=(), repr=False)
-
-
-def block_text(message: str, *, after_text: bool) -> str:
-    """The rule's message, on its own paragraph when part of the response was already given
-    (as the transformers path writes it)."""
-    return "\n\n" + message if after_text else message
 
 
 class VLLMMonitor:
@@ -152,14 +146,18 @@ class VLLMMonitor:
             else:
                 events.put(("done", None))
 
-        asyncio.run_coroutine_threadsafe(pump(), self._loop)
-        while True:
-            kind, value = events.get()
-            if kind == "error":
-                raise value
-            if kind == "done":
-                return
-            yield value
+        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while True:
+                kind, value = events.get()
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    return
+                yield value
+        finally:  # the caller stopped early (a client went away): abort the request
+            if not future.done():
+                future.cancel()
 
     # ------------------------------------------------------------------ policies
     def reload(self) -> str:
@@ -243,7 +241,7 @@ class VLLMMonitor:
                     chunk, released = self._release(tokens[:min(len(tokens) - 1, max_tokens)], released)
                     if chunk:
                         yield chunk
-            summary = await self._collect(request_id)
+            report = await self._collect(request_id)
         except asyncio.CancelledError:
             await self._abort(request_id)
             raise
@@ -255,7 +253,7 @@ class VLLMMonitor:
                 self.dead = f"the vLLM engine process died ({_reason(exc)}); restart the service"
             message = self.dead or f"the vLLM engine failed: {_reason(exc)}"
             raise EngineFailed(message, _failed_report(message, self.store.version_id)) from None
-        completion = self._complete(ids, tokens, max_tokens, summary, started, finished)
+        completion = self._complete(ids, tokens, max_tokens, report, started, finished)
         tail, _ = self._release(list(completion.token_ids[:completion.kept]), released, final=True)
         if tail:
             yield tail
@@ -269,7 +267,7 @@ class VLLMMonitor:
             return "", released
         return text[len(released):], text
 
-    async def _collect(self, request_id: str) -> Summary | None:
+    async def _collect(self, request_id: str) -> Report | None:
         results = await self.engine.collective_rpc("sae_monitor_collect", args=(request_id,))
         for raw in results:
             if raw is not None:
@@ -283,12 +281,12 @@ class VLLMMonitor:
         except Exception:  # noqa: BLE001 - best effort cleanup on cancellation
             pass
 
-    def _complete(self, prompt: list[int], tokens: list[int], max_tokens: int, summary: Summary | None,
+    def _complete(self, prompt: list[int], tokens: list[int], max_tokens: int, report: Report | None,
                   started: float, finished: bool) -> Completion:
-        report = _report(summary, self.store.version_id)
+        if report is None:
+            report = _failed_report("the workers returned no monitoring report for this request",
+                                    self.store.version_id)
         report.total_seconds = time.perf_counter() - started
-        if summary is None:
-            report.error = "the workers returned no monitoring summary for this request"
         if report.error and not report.failed_open:
             raise MonitorUnavailable(f"monitoring failed and the monitor fails closed: {report.error}", report)
         if 0 in report.blocks:
@@ -306,23 +304,6 @@ class VLLMMonitor:
         kept = tokens[:max_tokens]
         return Completion(tuple(kept), self.tokenizer.decode(kept, skip_special_tokens=True), reason, report,
                           len(kept), tuple(prompt))
-
-
-def _report(summary: Summary | None, version: str) -> Report:
-    """The transformers path's :class:`Report` (one row) from a worker's summary."""
-    if summary is None:
-        return Report(request_id=uuid.uuid4().hex, policy_version=version, row_outcomes=["error"])
-    report = Report(request_id=summary.req_id, policy_version=summary.policy_version,
-                    hits=list(summary.hits), steers=list(summary.steers), error=summary.error,
-                    failed_open=summary.failed_open, tokens_monitored=dict(summary.tokens_monitored),
-                    monitor_seconds=summary.monitor_seconds, features=summary.features,
-                    peaks={scope: torch.tensor([values]) for scope, values in summary.peaks.items()},
-                    row_outcomes=["steered" if summary.steered else "allowed"])
-    if summary.block is not None:
-        b = summary.block
-        report.blocks[0] = BlockInfo(0, b.rule_id, b.message, b.scope, b.token_index)
-        report.row_outcomes = ["blocked"]
-    return report
 
 
 def _failed_report(error: str, version: str) -> Report:

@@ -38,9 +38,9 @@ class MonitorWorkerExtension:
         return self._sae_monitor_get().reload()
 
     def sae_monitor_collect(self, req_id: str) -> bytes | None:
-        """The pickled :class:`~monitor.runtime.vllm.tracker.Summary` of a request, or None."""
-        summary = self._sae_monitor_get().collect(req_id)
-        return None if summary is None else pickle.dumps(summary)
+        """The pickled :class:`~monitor.report.Report` of a request, or None."""
+        report = self._sae_monitor_get().collect(req_id)
+        return None if report is None else pickle.dumps(report)
 
     def sae_monitor_status(self) -> dict[str, Any]:
         return self._sae_monitor_get().status()

@@ -27,7 +27,8 @@ import torch
 from monitor.policy import CompiledPolicy, PolicyStore, ReloadResult
 from monitor.runtime.vllm.engine import Completion, VLLMMonitor
 from monitor.runtime.vllm.setup import MonitorConfig
-from monitor.wrapper import MonitorUnavailable, Report
+from monitor.errors import MonitorUnavailable
+from monitor.report import Report
 
 
 class ServingEngine:
@@ -80,29 +81,41 @@ class ServingEngine:
         """One prompt (``input_ids[1, T]``) -> ``[1, T + new]`` like ``model.generate``; a
         blocked response ends with the rule's message tokens."""
         prompt = [int(t) for t in input_ids[0].tolist()]
+        controls = _controls(gen)
         try:
             completion: Completion = self.engine.submit_sync(
                 self.engine.agenerate(prompt, max_tokens=max_new_tokens, **_sampling(gen)))
         except MonitorUnavailable as exc:  # counted by the callbacks (metrics, audit), then refused
             self._finish(exc.report)
             raise
+        for control in controls:
+            control.count = completion.kept
         self._finish(completion.report)
         return torch.tensor([prompt + list(completion.token_ids)], dtype=torch.long)
 
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int = 256, **gen: Any) -> Iterator[str]:
         """Text chunks as the monitor clears them; a block ends with the rule's message."""
         prompt = [int(t) for t in input_ids[0].tolist()]
+        controls = _controls(gen)
         completion: Completion | None = None
         try:
             for item in self.engine.iterate(self.engine.astream(prompt, max_tokens=max_new_tokens, **_sampling(gen))):
                 if isinstance(item, Completion):
                     completion = item
-                else:
-                    yield item
+                    continue
+                for control in controls:
+                    control.count += 1
+                if any(control.cancelled.is_set() for control in controls):
+                    from monitor.serve.chat import GenerationCancelled
+
+                    raise GenerationCancelled("the client went away")  # closing iterate() aborts the request
+                yield item
         except MonitorUnavailable as exc:
             self._finish(exc.report)
             raise
         assert completion is not None
+        for control in controls:
+            control.count = completion.kept
         if completion.finish_reason == "blocked":
             kept = self.tokenizer.decode(list(completion.token_ids[:completion.kept]), skip_special_tokens=True)
             yield completion.text[len(kept):]  # the rule's message (the kept part was streamed)
@@ -110,6 +123,12 @@ class ServingEngine:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _controls(gen: dict[str, Any]) -> list[Any]:
+    """The app's per-request controls (token count, cancellation) among ``logits_processor``:
+    vLLM runs no transformers logits processor, so the engine updates them itself."""
+    return [p for p in (gen.get("logits_processor") or []) if hasattr(p, "cancelled") and hasattr(p, "count")]
 
 
 def _sampling(gen: dict[str, Any]) -> dict[str, Any]:
@@ -146,13 +165,11 @@ def serve_vllm(model: str = "default", *, sae: str = "default", policies: str | 
     monitor = from_default(**options) if model == "default" else VLLMMonitor(MonitorConfig(model=model, **options))
     engine = ServingEngine(monitor)
     trail = AuditTrail(audit_log) if audit_log else None
-    if trail is not None:
-        engine.callbacks.append(trail)
     name = model_name or ("sae-monitor-default" if model == "default" else Path(model).name)
     app_options.setdefault("max_concurrent", 64)
     try:
         run(host, port, monitor=engine, model_name=name, log_level=log_level,  # type: ignore[arg-type]
-            report_logger=ReportLogger(log_text=log_text), **app_options)
+            report_logger=ReportLogger(log_text=log_text), audit_trail=trail, **app_options)
     finally:
         engine.close()
         if trail is not None:

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from monitor.errors import ModelLoadError, MonitorError, SAEMismatchError
+from monitor.errors import MonitorUnavailable
 from monitor.runtime.vllm.spec import MonitorSpec
-from monitor.wrapper import MonitorUnavailable
 
 VLLM_EXTRA = "sae-monitor[vllm]"
 
@@ -78,7 +78,7 @@ def load_parts(config: MonitorConfig) -> Parts:
     from monitor.catalog import load_catalog
     from monitor.policy import PolicyStore
     from monitor.sae import load_sae
-    from monitor.wrapper import SHIPPED_CATALOG, shipped_policies_dir
+    from monitor.shipped import shipped_catalog, shipped_policies_dir
 
     for key, why in REFUSED_ARGS.items():
         if config.engine_args.get(key):
@@ -90,8 +90,8 @@ def load_parts(config: MonitorConfig) -> Parts:
     hf_config = _model_config(config.model)
     sae = load_sae(config.sae)
     _check_fit(config, sae, hf_config)
-    catalog_path = config.catalog or (str(SHIPPED_CATALOG) if config.sae == "default" and SHIPPED_CATALOG.is_file()
-                                      else None)
+    shipped = shipped_catalog("default") if config.sae == "default" else None
+    catalog_path = config.catalog or (str(shipped) if shipped is not None else None)
     catalog = load_catalog(catalog_path, d_sae=sae.cfg.d_sae) if catalog_path else None
     policies = tuple(str(Path(p).resolve()) for p in (config.policies or (str(shipped_policies_dir()),)))
     store = PolicyStore(list(policies), catalog, sae.cfg.d_sae)

@@ -16,12 +16,12 @@ its CPU subclass) at three points, all inside the worker process:
    (EOS) and the scheduler ends it: no token after the firing one is ever generated.
 
 Requests opt in through ``SamplingParams.extra_args[EXTRA_ARGS_KEY]``; others cost nothing but
-the span split. Finished requests keep their summary until the front end collects it
+the span split. Finished requests keep their report until the front end collects it
 (``collect``), bounded by :data:`MAX_UNCOLLECTED`.
 
 Tensor parallelism: every rank holds the full residual after the all-reduce, so every rank runs
 the same trackers on the same numbers and applies the same edits; the front end reads rank 0's
-summary. Pipeline parallelism: only the stage holding the SAE's layer has the hook; the stop
+report. Pipeline parallelism: only the stage holding the SAE's layer has the hook; the stop
 token is applied by the last stage (see docs/vllm.md for what that needs).
 """
 
@@ -39,9 +39,10 @@ from monitor.catalog import Catalog, load_catalog
 from monitor.errors import SAEMismatchError
 from monitor.policy import CompiledPolicy, PolicyStore
 from monitor.runtime.vllm.batch import Span, plan_step
-from monitor.runtime.vllm.columns import Encoder, build_encoder
+from monitor.runtime.encoder import FeatureEncoder
 from monitor.runtime.vllm.spec import EXTRA_ARGS_KEY, MonitorSpec
-from monitor.runtime.vllm.tracker import RequestTracker, Summary
+from monitor.report import Report
+from monitor.runtime.vllm.tracker import RequestTracker
 from monitor.sae import SAE, load_sae
 
 #: Summaries of finished requests kept for the front end; the oldest are dropped past this.
@@ -58,9 +59,9 @@ class WorkerMonitor:
         self.catalog: Catalog | None = (load_catalog(spec.catalog, d_sae=self.sae.cfg.d_sae)
                                         if spec.catalog else None)
         self.store = PolicyStore(list(spec.policies), self.catalog, self.sae.cfg.d_sae)
-        self._encoders: dict[str, Encoder] = {}
+        self._encoders: dict[str, FeatureEncoder] = {}
         self.trackers: dict[str, RequestTracker] = {}
-        self.finished: OrderedDict[str, Summary] = OrderedDict()
+        self.finished: OrderedDict[str, Report] = OrderedDict()  # by the front end's tag
         self.special_ids = torch.tensor(sorted(spec.special_ids), dtype=torch.long)
         self.to_stop: list[bool] = []  # per input-batch row: force the stop token this step
         self.steps = 0
@@ -111,10 +112,11 @@ class WorkerMonitor:
             raise RuntimeError(f"policy reload rejected: {result.error}")
         return result.version_id
 
-    def encoder(self, policy: CompiledPolicy) -> Encoder:
+    def encoder(self, policy: CompiledPolicy) -> FeatureEncoder:
+        """The encoder of ``policy`` (kept while a request in flight uses that version)."""
         cached = self._encoders.get(policy.version_id)
         if cached is None:
-            cached = build_encoder(self.sae, policy, self.catalog)
+            cached = FeatureEncoder(self.sae, policy, self.catalog)
             self._encoders = {k: v for k, v in self._encoders.items()
                               if any(t.policy.version_id == k for t in self.trackers.values())}
             self._encoders[policy.version_id] = cached
@@ -169,7 +171,7 @@ class WorkerMonitor:
         if not watched:
             return
         prompt_lens = {r: t.prompt_len for r, t in self.trackers.items()}
-        upto = {r: t.summary.monitored_upto for r, t in self.trackers.items()}
+        upto = {r: t.monitored_upto for r, t in self.trackers.items()}
         first = [int(batch.num_computed_tokens_cpu[i]) for i in range(len(req_ids))]
         counts = {r: n for r, n in sched.num_scheduled_tokens.items()}
         spans = plan_step(req_ids, counts, first, {r: prompt_lens[r] for r in watched}, upto)
@@ -199,8 +201,9 @@ class WorkerMonitor:
             state = self.runner.requests.get(r)
             params = getattr(state, "sampling_params", None)
             extra = getattr(params, "extra_args", None) or {}
-            if EXTRA_ARGS_KEY in extra:  # keyed by the front end's id (vLLM suffixes its own)
-                self.trackers[r] = RequestTracker(str(extra[EXTRA_ARGS_KEY]), self.store.current,
+            if EXTRA_ARGS_KEY in extra:  # tagged with the front end's id (vLLM suffixes its own)
+                policy = self.store.current
+                self.trackers[r] = RequestTracker(str(extra[EXTRA_ARGS_KEY]), policy, self.encoder(policy),
                                                   int(state.num_prompt_tokens), self.spec.on_error)
 
     def _step_spans(self, spans: list[Span], stream: torch.Tensor, edits: dict[int, list]) -> None:
@@ -228,7 +231,8 @@ class WorkerMonitor:
                     edits[span.row_end - 1] = directives
                 offset += n
 
-    def _mask(self, group: list[Span], resid: torch.Tensor, rows: torch.Tensor, encoder: Encoder) -> torch.Tensor:
+    def _mask(self, group: list[Span], resid: torch.Tensor, rows: torch.Tensor,
+              encoder: FeatureEncoder) -> torch.Tensor:
         """True where a row is monitored: not a special token, not position 0, readable by the SAE."""
         positions = torch.cat([torch.arange(s.position, s.position + s.length) for s in group]).to(resid.device)
         mask = (positions != 0) & encoder.content_mask(resid)
@@ -251,14 +255,14 @@ class WorkerMonitor:
     def _retire(self, req_id: str) -> None:
         tracker = self.trackers.pop(req_id, None)
         if tracker is not None:
-            self.finished[tracker.summary.req_id] = tracker.finish()
+            self.finished[tracker.tag] = tracker.finish()
             while len(self.finished) > MAX_UNCOLLECTED:
                 self.finished.popitem(last=False)
 
-    def collect(self, tag: str) -> Summary | None:
-        """The summary of the request the front end tagged ``tag`` (finished or still running),
+    def collect(self, tag: str) -> Report | None:
+        """The report of the request the front end tagged ``tag`` (finished or still running),
         removed from the worker."""
-        for req_id in [r for r, t in self.trackers.items() if t.summary.req_id == tag]:
+        for req_id in [r for r, t in self.trackers.items() if t.tag == tag]:
             self._retire(req_id)
         return self.finished.pop(tag, None)
 
