@@ -155,7 +155,9 @@ def main() -> None:
         load_default_model()
     started = time.perf_counter()
     plain = plain_vllm(str(model), args.tokens, args.repeats, args.max_model_len)
+    print(f"vLLM tok/s by concurrency: {plain}", flush=True)  # each phase as it ends
     monitored, outcomes = monitored_vllm(str(model), args.tokens, args.repeats, args.max_model_len)
+    print(f"vLLM+monitor tok/s by concurrency: {monitored}", flush=True)
     hf = {} if args.skip_transformers else transformers_path(args.tokens, args.repeats)
     print(f"vLLM overhead: default model, {args.tokens} new tokens per request, best of {args.repeats} waves, "
           f"CPU, enforce_eager, float32 (outcomes of monitored requests: {outcomes})")
