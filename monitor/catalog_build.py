@@ -2,11 +2,12 @@
 measured peaks and example contexts, and optionally a linear probe.
 
 The step after :func:`monitor.discover.discover` in the research flow (discover -> name ->
-catalog -> policy): the catalog is what policies reference by name, so each entry carries the
-``max_activation`` that ``above_relative`` thresholds scale by, measured over a reference
-corpus, and the evidence a reviewer reads before trusting the name. The entries are merged
-into ``out`` when it exists (an entry replaces a feature of the same name) and the file is
-written; a probe's weights go to ``<out stem>.probes.safetensors`` beside it.
+catalog -> policy); it measures and fits, then writes the records of
+:mod:`monitor.catalog_entries`. The catalog is what policies reference by name, so each entry
+carries the ``max_activation`` that ``above_relative`` thresholds scale by, measured over a
+reference corpus, and the evidence a reviewer reads before trusting the name. The entries are
+merged into ``out`` when it exists (an entry replaces a feature of the same name) and the file
+is written; a probe's weights go to ``<out stem>.probes.safetensors`` beside it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from monitor.errors import CatalogError
 if TYPE_CHECKING:
     from torch import nn
 
-    from monitor.discover import DiscoveryResult, LabeledText
+    from monitor.activations import LabeledText
+    from monitor.discover import DiscoveryResult
 
 #: ``progress(stage, done, total)``: stages are ``"max activation"`` and ``"probe"``.
 StageProgress = Callable[[str, int, int], None]
@@ -60,8 +62,9 @@ def write_discovered(model: nn.Module, tokenizer: Any, sae: Any, result: Discove
     ``max_activation`` is measured. Raises :class:`CatalogError` when there is nothing to write
     or ``out`` is a catalog for another SAE or layer.
     """
-    from monitor import discover as disc
     from monitor.catalog import load_catalog
+    from monitor.catalog_entries import merge_into_catalog, to_catalog_entries
+    from monitor.discover import max_activations
     from monitor.explain import example_contexts
 
     names = dict(names or {})
@@ -70,14 +73,14 @@ def write_discovered(model: nn.Module, tokenizer: Any, sae: Any, result: Discove
     out = Path(out)
     existing = load_catalog(out, sae_id=sae_id, d_sae=sae.cfg.d_sae) if out.exists() else None
     if catalog_top:
-        auto = disc.to_catalog_entries(result, catalog_top, sae_id)
+        auto = to_catalog_entries(result, catalog_top, sae_id)
         names = {**{e.latent: e.name for e in auto}, **names}
     texts = list(corpus) if corpus is not None else [i.text for i in items]
     stage = (lambda name: partial(progress, name)) if progress is not None else (lambda name: None)
-    peaks = disc.max_activations(model, tokenizer, sae, texts, list(names), ctx=ctx,
+    peaks = max_activations(model, tokenizer, sae, texts, list(names), ctx=ctx,
                                  batch_size=batch_size, progress=stage("max activation"))
     examples = example_contexts(model, tokenizer, sae, result, list(names), ctx=ctx)
-    entries = (disc.to_catalog_entries(result, names, sae_id, peaks, examples=examples)
+    entries = (to_catalog_entries(result, names, sae_id, peaks, examples=examples)
                if names else [])
     probe_info: dict[str, Any] | None = None
     probes_file: Path | None = None
@@ -93,7 +96,7 @@ def write_discovered(model: nn.Module, tokenizer: Any, sae: Any, result: Discove
                                   fitted.bias, ctx=ctx, batch_size=batch_size).max())
         entries.append(probe_entry(probe, key, fitted, max_activation=peak))
         probe_info = {"name": probe, **fitted.evidence}
-    catalog = disc.merge_into_catalog(entries, sae_id, result.point.layer, existing)
+    catalog = merge_into_catalog(entries, sae_id, result.point.layer, existing)
     catalog.save(out)
     return CatalogWrite(path=out, written=tuple(e.name for e in entries), probe=probe_info,
                         probes_file=probes_file)

@@ -110,9 +110,13 @@ def tied_sae(layer: int = 2, d_in: int = 64, d_sae: int = 16, seed: int = 1) -> 
 
 def rule_yaml(rule_id: str = "r", latent: int = 0, above: float = 1e9, scope: str = "response",
               actions: str = "[log, {block: {message: BLOCKED}}]", mode: str = "enforce") -> str:
-    """A one-rule policy file: ``latent`` above ``above`` in ``scope`` -> ``actions``."""
+    """A one-rule policy file: ``latent`` above ``above`` in ``scope`` -> ``actions``.
+
+    A negative ``above`` (fire on every token: SAE latents are never negative) adds the
+    ``allow_always_true: true`` override that such an enforce rule needs."""
+    always = "    allow_always_true: true\n" if above < 0 and mode == "enforce" else ""
     return (f"version: '1'\nrules:\n  - id: {rule_id}\n    description: test\n    severity: high\n"
-            f"    mode: {mode}\n    scope: {scope}\n    when: {{latent: {latent}, above: {above}}}\n"
+            f"    mode: {mode}\n    scope: {scope}\n{always}    when: {{latent: {latent}, above: {above}}}\n"
             f"    actions: {actions}\n")
 
 
@@ -193,3 +197,23 @@ def monitor_blocking_at(model: Any, tokenizer: Any, sequence: torch.Tensor, prom
     policy = compiled_policy(rule_yaml(above=threshold), d_sae=sae.cfg.d_sae)
     options.setdefault("self_test", False)
     return Monitor(model, tokenizer, sae=sae, policies=policy, **options), index, threshold
+
+
+def failing_sae(kind: str = "raise", layer: int = 2) -> SAE:
+    """A tied SAE whose encoder fails: ``"raise"`` raises ``RuntimeError("SAE exploded")``,
+    ``"nan"`` returns NaN activations. For testing ``on_error`` handling."""
+    from monitor.sae import SAE as BaseSAE
+
+    class Failing(BaseSAE):
+        def subset_encoder(self, latents: Any) -> Any:
+            if kind == "nan":
+                return lambda x: torch.full(x.shape[:-1] + (len(latents),), float("nan"))
+
+            def boom(x: torch.Tensor) -> torch.Tensor:
+                raise RuntimeError("SAE exploded")
+            return boom
+
+    template = tied_sae(layer)
+    sae = Failing(template.cfg)
+    sae.load_state_dict(template.state_dict())
+    return sae

@@ -60,6 +60,7 @@ STEER_FIRST = """
     description: Clamps latent 1 from the first response token on
     severity: medium
     scope: response
+    allow_always_true: true
     when: {latent: 1, above: -1.0}
     actions: [log, {steer: {latent: 1, clamp: 0.0, duration: rest_of_response}}]
 """

@@ -66,7 +66,8 @@ def build_parents() -> Parents:
 
 
 # Arguments that name input files or directories (never the 'default' SAE or model names).
-INPUT_PATH_ARGS = ("data", "texts", "positive", "negative", "train", "catalog", "policies")
+INPUT_PATH_ARGS = ("data", "texts", "positive", "negative", "train", "benign", "catalog",
+                   "policies")
 
 
 def check_input_paths(args: argparse.Namespace) -> None:
@@ -77,6 +78,17 @@ def check_input_paths(args: argparse.Namespace) -> None:
             if not Path(path).exists():
                 option = "--" + name.replace("_", "-")
                 raise DataError(f"{option} {path}: no such file or directory")
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for counts and limits: a usage error, not a traceback, for 0 or less."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 1 or more")
+    return value
 
 
 def progress_line(err: TextIO, label: str, quiet: bool) -> Callable[[int, int], None] | None:

@@ -78,13 +78,19 @@ def add_parser(subparsers: Subparsers, parents: Parents) -> None:
     exp.set_defaults(func=cmd_explain)
 
     evl = subparsers.add_parser(
-        "eval", parents=[p.model, p.sae, p.catalog, p.limit, p.json],
+        "eval", parents=[p.model, p.sae, p.catalog, p.limit, p.batch_size, p.json],
         help="detection per category: AUROC, TPR at 1%% and 5%% FPR, precision/recall of decisions")
     evl.add_argument("--data", required=True, help="labeled JSONL (text, prompt+response or messages; label; category)")
     evl.add_argument("--policies", help="policy directory or file (default: the shipped policies)")
     evl.add_argument("--train", help="labeled JSONL to fit the baselines on (residual probe; bandit on Python rows)")
+    evl.add_argument("--benign", help="JSONL of ordinary traffic (labels ignored): adds TPR at 1%% benign FPR")
+    evl.add_argument("--group-by", default="source", metavar="FIELD",
+                     help="also report every measure per value of FIELD (source, language, cwe, "
+                          "subtype; 'none': no groups)")
+    evl.add_argument("--leave-one-out", default=None, metavar="FIELD",
+                     help="also fit the residual probe on all groups of FIELD but one and score the one left out")
     evl.add_argument("--items", action="store_true", help="with --json: include per-item scores and decisions")
-    evl.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    evl.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     evl.set_defaults(func=cmd_eval)
 
 
@@ -247,9 +253,12 @@ def cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def cmd_eval(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``sae-monitor eval``: detection per category against baselines, as a table or JSON."""
-    from monitor.evaluate import run_eval
+    from monitor.evaluation.run import run_eval
 
     print(run_eval(args.data, policies=args.policies, train=args.train, limit=args.limit or None,
                    sae=args.sae, model=args.model, catalog=args.catalog, as_json=args.json,
-                   items=args.items, progress=not args.no_progress), end="", file=out)
+                   items=args.items, progress=progress_line(err, "items", args.no_progress),
+                   group_by=None if args.group_by.lower() == "none" else args.group_by,
+                   leave_one_out=args.leave_one_out, benign=args.benign,
+                   batch_size=args.batch_size), end="", file=out)
     return 0

@@ -63,6 +63,7 @@ class HFRequest:
         self.release = Release(0)
         first = attention_mask.long().argmax(dim=1) if attention_mask is not None else None
         self.first_real = first if first is not None else torch.zeros(self.rows, dtype=torch.long)
+        self.last_first_real = int(self.first_real.max()) if self.rows else 0
 
     # ------------------------------------------------------------------ the hook
     def on_residual(self, resid: torch.Tensor) -> None:
@@ -124,17 +125,22 @@ class HFRequest:
     def mask(self, ids: torch.Tensor | None, start: int, length: int) -> torch.Tensor:
         """Positions ``start .. start+length`` of every row that may be monitored: not
         padding, not a special token and not the row's first real position (an attention
-        sink), unless ``include_special_tokens``."""
-        mask = torch.ones(self.rows, length, dtype=torch.bool)
+        sink), unless ``include_special_tokens``. Built on the ids' device, and only from the
+        parts that can apply to this span (a decode step is usually one ``isin``)."""
+        device = ids.device if ids is not None else torch.device("cpu")
+        mask = torch.ones(self.rows, length, dtype=torch.bool, device=device)
         if not self.include_special_tokens:
-            if ids is not None and ids.shape[1] == length:
-                mask &= ~torch.isin(ids.cpu(), self.special_ids)
-            cols = torch.arange(start, start + length)
-            mask &= cols[None, :] != self.first_real[:, None]
+            if ids is not None and ids.shape[1] == length and self.special_ids.numel():
+                if self.special_ids.device != device:
+                    self.special_ids = self.special_ids.to(device)
+                mask &= ~torch.isin(ids, self.special_ids)
+            if start <= self.last_first_real:  # the span covers some row's first real position
+                cols = torch.arange(start, start + length, device=device)
+                mask &= cols[None, :] != self.first_real.to(device)[:, None]
         am = self.attention_mask
         if am is not None and start < am.shape[1]:
             end = min(start + length, am.shape[1])
-            mask[:, : end - start] &= am[:, start:end].bool().cpu()
+            mask[:, : end - start] &= am[:, start:end].bool().to(device)
         return mask
 
     def extend_attention_mask(self, length: int) -> torch.Tensor | None:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from monitor.capture import forward_through
 from monitor.data import token_ids
-from monitor.errors import MonitorUnavailable
+from monitor.errors import MonitorUnavailable, UnsupportedModelError
+from monitor.runtime.hf_request import CURRENT
 
 if TYPE_CHECKING:
     from monitor.report import Report
@@ -103,6 +103,43 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tenso
     return ids, attention
 
 
+class ScanComplete(Exception):
+    """Raised by :class:`ScanCapture` to stop the forward once the SAE's layer has run."""
+
+
+class ScanCapture:
+    """The current request of a scanning thread: takes the residual at the monitor's hook and
+    stops the forward there. It goes through the monitor's own hook and the thread's context
+    variable, so a ``generate`` running in another thread on the same model is untouched (a
+    hook added to the shared module for the scan would fire, and stop, that forward too)."""
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        self.current_ids: torch.Tensor | None = None
+        self.resid: torch.Tensor | None = None
+
+    def on_residual(self, resid: torch.Tensor) -> None:
+        self.resid = resid
+        raise ScanComplete
+
+
+def read_residual(monitor: Monitor, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """The residual ``[B, T, d]`` at the monitor's hook point for a teacher-forced batch."""
+    capture = ScanCapture(monitor)
+    token = CURRENT.set(capture)  # type: ignore[arg-type]
+    try:
+        with torch.no_grad():
+            monitor.model(input_ids=ids, attention_mask=attention, use_cache=False)
+    except ScanComplete:
+        pass
+    finally:
+        CURRENT.reset(token)
+    if capture.resid is None:
+        raise UnsupportedModelError(
+            f"the monitor's hook at {monitor.point.name} never ran during the scan's forward pass")
+    return capture.resid
+
+
 def scan_transcripts(monitor: Monitor, items: Sequence[Scannable], *, batch_size: int = 16,
                      max_batch_tokens: int = 16384, progress: Callable[[int], Any] | None = None,
                      refuse: bool = False) -> list[Report]:
@@ -120,11 +157,7 @@ def scan_transcripts(monitor: Monitor, items: Sequence[Scannable], *, batch_size
         real = [i for i in batch if lengths[i] > 0]
         if real:
             ids, attention = pad_batch([parsed[i][0] + parsed[i][1] for i in real], pad)
-            captured: list[torch.Tensor] = []
-            with torch.no_grad():
-                forward_through(monitor.model, {monitor.point: captured.append}, input_ids=ids,
-                                attention_mask=attention)
-            resid = captured[0]
+            resid = read_residual(monitor, ids, attention)
             encoding = time.perf_counter()
             encoder = sessions[real[0]].encoder
             feats = encoder.encode(resid)

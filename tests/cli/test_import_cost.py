@@ -35,9 +35,7 @@ def run_probe(argv: list[str]) -> dict:
 @pytest.mark.parametrize("argv", [
     ["--version"],
     ["policy", "test", "--help"],
-    pytest.param(["policy", "check", str(ROOT / "policies")], marks=pytest.mark.xfail(
-        strict=True, reason="monitor.catalog and monitor.policy.engine still import torch at "
-                            "module top (the policy branch makes them lazy); remove this mark then")),
+    ["policy", "check", str(ROOT / "policies")],
 ])
 def test_light_commands_do_not_import_torch(argv):
     result = run_probe(argv)
