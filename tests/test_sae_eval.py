@@ -5,7 +5,7 @@ import torch
 
 from monitor.sae import SAE, SAEConfig
 from monitor.sae_eval import evaluate_sae
-from tests.builders import tiny_model
+from monitor.testing import tiny_model
 
 TEXTS = ["hello world, this is a test of the evaluation", "def f(x):\n    return x * 2\n",
          "User: hi\nAssistant: hello, how can I help?"]

@@ -6,7 +6,7 @@ from monitor.capture import HookPoint
 from monitor.sae import SAE, fvu
 from monitor.train import (TrainConfig, evaluate_reconstruction, extract_activations,
                            load_activations, tokenize_windows, train_sae)
-from tests.builders import tiny_model
+from monitor.testing import tiny_model
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3,
          "def add(a, b):\n    return a + b\n" * 4,

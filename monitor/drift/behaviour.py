@@ -2,7 +2,7 @@
 
 Each model answers every prompt twice (greedy, and sampled with a fixed seed per batch, so two
 identical models give identical answers), in left-padded batches, under monitored generation
-(:class:`monitor.wrapper.Monitor`). The policies run in **shadow** mode here: a drift check
+(:class:`monitor.runtime.hf.Monitor`). The policies run in **shadow** mode here: a drift check
 observes what each model would do; a block or a steer would cut or change the answer and
 hide later behaviour. Per answer we record which rules fired; the catalog features' mean and
 peak over the answer's tokens are measured by :mod:`monitor.drift.teacher` on the transcripts
@@ -79,7 +79,7 @@ def answer(model: Any, tokenizer: Any, sae: SAE, policy: CompiledPolicy, catalog
            passes: Sequence[str] = ("greedy", "sampled"), seed: int = 0, batch_size: int = 16,
            temperature: float = 0.8, progress: Progress | None = None) -> Behaviour:
     """Answer ``prompts`` with ``model`` under ``policy`` (use :func:`shadow_policy`)."""
-    from monitor.wrapper import Monitor
+    from monitor.runtime.hf import Monitor
 
     monitor = Monitor(model, tokenizer, sae=sae, policies=policy, catalog=catalog, on_error="closed",
                       self_test=False)

@@ -78,7 +78,7 @@ def prepare(base: str | Path, candidates: Sequence[str | Path], *, prompts: str 
     from monitor.catalog import load_catalog
     from monitor.sae import load_sae
     from monitor.policy import compile_policies
-    from monitor.wrapper import SHIPPED_CATALOG, shipped_policies_dir
+    from monitor.shipped import SHIPPED_CATALOG, shipped_policies_dir
 
     if not candidates:
         raise ld.DriftInputError("give at least one candidate model")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import builders
+from monitor import testing as builders
 
 LAYER = 2          # the SAE reads blocks.2.hook_resid_post
 LATENT = 5         # the latent the "unsafe" candidate pushes up

@@ -9,7 +9,7 @@ import torch
 
 from monitor.drift import DriftInputError, drift
 from monitor.drift import load as ld
-from tests import builders
+from monitor import testing as builders
 from tests.drift.conftest import save, tiny_biased
 
 
