@@ -17,8 +17,9 @@ row and for layers 9, 12, 15, 18, 21 (``blocks.L.hook_resid_post``):
 
 Scope follows ``monitor.discover.labeled_item``: the final response of a dialogue, the changed
 lines of a code fix, else the whole text; position 0 and tokens the SAE refuses (massive
-activations, ``SAE.input_mask`` at layer 15) never count. Texts longer than 256 tokens are cut to
-a 256-token window that starts 64 tokens before the first in-scope token.
+activations, ``SAE.input_mask`` at layer 15) never count. Texts longer than 256 tokens (192 for
+the corpus and PurpleLlama, whose texts are long and whole-text scoped) are cut to a window that
+starts a quarter-window before the first in-scope token.
 
 Output: ``runs/detection/acts/<set>/chunk_NNN.npz`` + ``chunk_NNN.jsonl`` (row metadata). Sets
 are split into chunks of 128 rows of a seeded shuffle (pairs kept together), so a larger
@@ -52,13 +53,17 @@ CHUNK = 128
 OUT = ROOT / "runs" / "detection" / "acts"
 
 DEV = {  # set name: (path, rows cap)
-    "dev_unsafe_sven": (SHARED / "unsafe_code/sven_pairs.jsonl", 512),
-    "dev_unsafe_juliet": (SHARED / "unsafe_code/juliet_c_pairs.jsonl", 512),
-    "dev_unsafe_purplellama": (SHARED / "unsafe_code/purplellama_insecure_positives.jsonl", 256),
-    "dev_backdoor_juliet": (SHARED / "backdoor/juliet_c_pairs.jsonl", 512),
-    "dev_syc_political": (SHARED / "sycophancy/anthropic_political_pairs.jsonl", 512),
-    "dev_syc_truthfulqa": (SHARED / "sycophancy/truthfulqa_constructed_pairs.jsonl", 512),
+    "dev_unsafe_sven": (SHARED / "unsafe_code/sven_pairs.jsonl", 256),
+    "dev_unsafe_juliet": (SHARED / "unsafe_code/juliet_c_pairs.jsonl", 256),
+    "dev_unsafe_purplellama": (SHARED / "unsafe_code/purplellama_insecure_positives.jsonl", 128),
+    "dev_backdoor_juliet": (SHARED / "backdoor/juliet_c_pairs.jsonl", 256),
+    "dev_syc_political": (SHARED / "sycophancy/anthropic_political_pairs.jsonl", 256),
+    "dev_syc_truthfulqa": (SHARED / "sycophancy/truthfulqa_constructed_pairs.jsonl", 256),
 }
+
+
+PRIORITY = {"benign_corpus": 1, "dev_unsafe_purplellama": 2}
+SHORT_CTX = {"benign_corpus": 192, "dev_unsafe_purplellama": 192}  # long texts: a shorter window
 
 
 def dataset_sets() -> dict[str, tuple[Path, int]]:
@@ -123,7 +128,7 @@ def all_sets(names: list[str]) -> dict[str, list[dict]]:
                 continue
             sets[name] = ordered(list(read_jsonl(path)), cap)
     if want & {"benign", "all"}:
-        sets["benign_corpus"] = corpus_rows(640)
+        sets["benign_corpus"] = corpus_rows(384)
         path = ROOT / "datasets" / "benign.jsonl"
         if path.exists():
             sets["ds_benign"] = ordered(list(read_jsonl(path)), 100000)
@@ -138,7 +143,7 @@ def all_sets(names: list[str]) -> dict[str, list[dict]]:
     return sets
 
 
-def window(item, tokenizer) -> tuple[list[int], list[bool]]:
+def window(item, tokenizer, ctx: int = CTX) -> tuple[list[int], list[bool]]:
     enc = tokenizer(item.text, add_special_tokens=True, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if item.spans:
@@ -152,8 +157,8 @@ def window(item, tokenizer) -> tuple[list[int], list[bool]]:
         if ids:
             scope[0] = False
     first = scope.index(True) if any(scope) else 0
-    start = 0 if first < CTX - 16 else max(0, first - CTX // 4)
-    ids, scope = ids[start:start + CTX], scope[start:start + CTX]
+    start = 0 if first < ctx - 16 else max(0, first - ctx // 4)
+    ids, scope = ids[start:start + ctx], scope[start:start + ctx]
     if start > 0:
         scope[0] = False
     return ids, scope
@@ -164,9 +169,9 @@ META_KEYS = ("id", "pair_id", "label", "category", "source", "language", "cwe", 
 
 
 @torch.no_grad()
-def run_chunk(model, tokenizer, sae, rows: list[dict], batch_tokens: int = 4096):
+def run_chunk(model, tokenizer, sae, rows: list[dict], batch_tokens: int = 4096, ctx: int = CTX):
     items = [labeled_item(r, tokenizer) for r in rows]
-    wins = [window(it, tokenizer) for it in items]
+    wins = [window(it, tokenizer, ctx) for it in items]
     n, L, d = len(rows), len(LAYERS), model.config.hidden_size
     mean = np.zeros((n, L, d), np.float16)
     mx = np.zeros((n, L, d), np.float16)
@@ -243,7 +248,9 @@ def main() -> None:
             todo.append((c // CHUNK, name, rows[c:c + CHUNK]))
     # chunk-index major (every source gets its first chunk early); the small hand-written
     # sets first within a round
-    todo.sort(key=lambda t: (t[0], not t[1].startswith("ds_")))
+    # the small hand-written sets first, then chunk-index major, so every source gets its
+    # first chunk early
+    todo.sort(key=lambda t: (not t[1].startswith("ds_"), t[0], PRIORITY.get(t[1], 0)))
     if args.list:
         for name, rows in sets.items():
             print(name, len(rows), sum(r.get("label", 0) == 1 for r in rows))
@@ -263,7 +270,7 @@ def main() -> None:
             continue
         out.mkdir(parents=True, exist_ok=True)
         t1 = time.time()
-        arrays, meta = run_chunk(model, tokenizer, sae, rows)
+        arrays, meta = run_chunk(model, tokenizer, sae, rows, ctx=SHORT_CTX.get(name, CTX))
         tmp = out / f".tmp_{k:03d}.npz"
         np.savez(tmp, **arrays)
         (out / f"chunk_{k:03d}.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
