@@ -226,12 +226,25 @@ def _col_auroc(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="layer 15 only and fewer detectors")
-    ap.add_argument("--single", action="store_true", help="also fit on each single other source")
+    ap.add_argument("--single", nargs="*", default=["dense L15 mean-pool", "dense L15 token-max (per-token probe)",
+                                                     "SAE sparse probe (top-32 latents, max-pooled)"],
+                    help="detectors also fitted on each single other source (none: no such fits)")
     ap.add_argument("--out", default=str(actsdb.ROOT / "runs/detection/compare.json"))
+    ap.add_argument("--cats", nargs="*", default=list(CATS), help="categories to measure")
+    ap.add_argument("--merge", nargs="*", default=[], help="with --report-only: more result files to add")
+    ap.add_argument("--resume", action="store_true", help="keep the cells already in --out")
+    ap.add_argument("--report-only", action="store_true", help="print the tables from --out")
     args = ap.parse_args()
     t0 = time.time()
-    A = actsdb.load()
+    A = actsdb.load(with_tokens=not args.report_only)
     meta = A.meta
+    if args.report_only:
+        bt = [i for i, m in enumerate(meta) if m["category"] == "benign" and actsdb.benign_half(m) == "test"]
+        res = json.loads(Path(args.out).read_text())
+        for extra in args.merge:
+            res += json.loads(Path(extra).read_text())
+        print(report(res, meta, np.array(bt)))
+        return
     D = Detectors(A, catalog_latents())
     benign_test = np.array([i for i, m in enumerate(meta) if m["category"] == "benign" and actsdb.benign_half(m) == "test"])
     layers = [15] if args.quick else list(actsdb.LAYERS)
@@ -247,25 +260,34 @@ def main() -> None:
             if args.quick and pool == "last":
                 continue
             dets[f"dense L{L} {pool}-pool"] = D.pooled(pool, li)
-        dets[f"dense L{L} token-max (per-token probe)"] = D.tokmax(li)
-        dets[f"dense L{L} mean-pool probe as window_mean(16)"] = D.windowed(li)
+        if L in (15, 21):  # per-token fits are the slow ones
+            dets[f"dense L{L} token-max (per-token probe)"] = D.tokmax(li)
+        if L == 15:
+            dets[f"dense L{L} mean-pool probe as window_mean(32)"] = D.windowed(li, 32)
     for L in ([15] if args.quick else [15, 21]):
         li = actsdb.LAYERS.index(L)
         dets[f"dense L{L} mean-pool + benign negatives"] = D.plus_benign(D.pooled("mean", li))
         dets[f"dense L{L} token-max + benign negatives"] = D.plus_benign(D.tokmax(li))
+        if L == 15:
+            dets[f"dense L{L} window_mean(32) + benign negatives"] = D.plus_benign(D.windowed(li, 32))
     dets["SAE sparse probe + benign negatives"] = D.plus_benign(D.sae_sparse())
     if not args.quick:
         dets["ensemble: mean-pool probes L9-L21"] = D.ensemble([D.pooled("mean", i) for i in range(len(actsdb.LAYERS))])
     l15 = actsdb.LAYERS.index(15)
     dets["ensemble: L15 mean + L15 token-max + SAE-32"] = D.ensemble([D.pooled("mean", l15), D.tokmax(l15), D.sae_sparse()])
 
-    results = []
-    for c in CATS:
+    results: list[dict] = []
+    if args.resume and Path(args.out).exists():  # keep (category, detector) cells already measured
+        results = [r for r in json.loads(Path(args.out).read_text()) if r["detector"] in dets]
+    done = {(r["category"], r["detector"]) for r in results}
+    for c in args.cats:
         rows = np.array([i for i, m in enumerate(meta) if m["category"] == c])
         groups = sorted({meta[i]["group"] for i in rows})
         trainable = [g for g in groups if len({meta[i]["label"] for i in rows if meta[i]["group"] == g}) == 2]
         for name, det in dets.items():
             if name.startswith("catalog latent") and not name.startswith(f"catalog latent {c}."):
+                continue
+            if (c, name) in done:
                 continue
             for g in groups:
                 test = rows[[meta[i]["group"] == g for i in rows]]
@@ -278,7 +300,7 @@ def main() -> None:
                 results.append({"category": c, "detector": name, "fit": "all other sources", "source": g,
                                 "n_pos": int((y == 1).sum()), "n_neg": int((y == 0).sum()), "auroc": au,
                                 "tpr1": tpr_at(pos, s_ben), "pair_acc": pair_acc(s_test, meta, test)})
-                if args.single and not name.startswith(("catalog", "ensemble")):
+                if name in args.single:
                     for g2 in trainable:
                         if g2 == g:
                             continue
@@ -289,7 +311,7 @@ def main() -> None:
                                         "auroc": auroc(s2[y == 1], s2[y == 0]) if (y == 0).any() else auroc(s2[y == 1], b2),
                                         "tpr1": tpr_at(s2[y == 1], b2), "pair_acc": pair_acc(s2, meta, test)})
             print(f"[{time.time() - t0:.0f}s] {c}: {name}", file=sys.stderr, flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+            Path(args.out).write_text(json.dumps(results, indent=1))  # partial results survive a kill
     print(report(results, meta, benign_test))
 
 

@@ -3,12 +3,14 @@
     python scripts/detection/ship_probes.py            # writes the probes, prints the evidence
     python scripts/detection/ship_probes.py --dry-run  # prints only
 
-For each category, a per-token logistic probe on the layer-15 residual (the runtime applies it as
-``x @ w + b`` per token, max over the scoped tokens) is fitted on all sources of the category
-together (rows weighted so every (source, label) cell counts the same; up to 32 tokens a row), from
-the activations of scripts/detection/extract.py. Its leave-one-source-out transfer is measured by
-scripts/detection/compare.py (row "dense L15 token-max"); this script only fits the final probe
-and calibrates:
+For each category, a logistic probe on the layer-15 residual (the runtime applies it as
+``x @ w + b`` per token) is fitted on all sources of the category together: ``tokmax`` trains it
+per token (the policy tests each token), ``window32`` trains it on mean-pooled rows (the policy
+uses ``aggregate: {window_mean: {tokens: 32}}``); ``+benign`` adds the benign calibration half to
+training as negatives. Rows are weighted so every (source, label) cell counts the same; up to 32
+tokens a row; activations from scripts/detection/extract.py. Leave-one-source-out transfer of
+the same recipes is measured by scripts/detection/compare.py; this script only fits the final
+probe and calibrates:
 
 * ``threshold_1pct``: the smallest score that at most 1% of the benign *calibration* half exceeds;
 * the benign *held-apart* half's firing rate at that threshold (the number to quote);
@@ -41,6 +43,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--plan", default="unsafe_code=tokmax,backdoor=tokmax,sycophancy=tokmax",
+                    help="per category: tokmax | window32, optionally +benign (benign calibration "
+                         "half added to training as negatives)")
     args = ap.parse_args()
     compare.TOKENS_PER_ROW = 32
     A = actsdb.load()
@@ -55,7 +60,9 @@ def main() -> None:
         groups = sorted({meta[i]["group"] for i in rows})
         trainable = [g for g in groups if len({meta[i]["label"] for i in rows if meta[i]["group"] == g}) == 2]
         train = np.array([i for i in rows if meta[i]["group"] in trainable])
-        score = D.tokmax(li)(train)
+        kind = dict(p.split("=") for p in args.plan.split(","))[c]
+        factory = D.tokmax(li) if kind.startswith("tokmax") else D.windowed(li, 32)
+        score = (D.plus_benign(factory) if kind.endswith("+benign") else factory)(train)
         s_cal, s_test = score(calib), score(test)
         thr = float(np.sort(s_cal)[::-1][int(0.01 * len(s_cal))])
         s_train = score(train)
@@ -66,11 +73,13 @@ def main() -> None:
             per_source[g] = {"auroc_in_sample": round(compare.auroc(s_train[sel & (y == 1)], s_train[sel & (y == 0)]), 3),
                              "fires_pos": round(float((s_train[sel & (y == 1)] > thr).mean()), 3),
                              "fires_neg": round(float((s_train[sel & (y == 0)] > thr).mean()), 3)}
-        report[c] = {"key": f"{c}_probe", "layer": args.layer, "n_train_rows": int(len(train)), "sources": trainable,
+        report[c] = {"key": f"{c}_probe", "layer": args.layer, "kind": kind, "n_train_rows": int(len(train)), "sources": trainable,
                      "threshold_1pct_benign_calib": round(thr, 3),
                      "benign_calib_fire_rate": round(float((s_cal > thr).mean()), 4), "n_benign_calib": int(len(calib)),
                      "benign_heldapart_fire_rate": round(float((s_test > thr).mean()), 4), "n_benign_heldapart": int(len(test)),
                      "benign_heldapart_q99": round(float(np.quantile(s_test, 0.99)), 3),
+                     "threshold_max_benign_calib": round(float(s_cal.max()), 3),
+                     "benign_heldapart_fire_rate_at_max": round(float((s_test > s_cal.max()).mean()), 4),
                      "max_activation_q99_pos": round(float(np.quantile(s_train[y == 1], 0.99)), 3),
                      "per_source_in_sample": per_source}
         print(json.dumps({c: report[c]}, indent=1), flush=True)
