@@ -70,9 +70,11 @@ def dataset_sets() -> dict[str, tuple[Path, int]]:
     sets = {}
     for path in sorted((ROOT / "datasets").glob("*.jsonl")):
         sets[f"ds_{path.stem}"] = (path, 100000)
-    prose = ROOT / "policies" / "devsets" / "backdoor_prose.jsonl"
-    if prose.exists() and not (ROOT / "datasets" / "backdoor_prose.jsonl").exists():
-        sets["ds_backdoor_prose"] = (prose, 100000)
+    for prose in (ROOT / "datasets" / "devsets" / "backdoor_prose.jsonl",  # since main moved it
+                  ROOT / "policies" / "devsets" / "backdoor_prose.jsonl"):
+        if prose.exists():
+            sets["ds_backdoor_prose"] = (prose, 100000)
+            break
     return sets
 
 
