@@ -106,9 +106,8 @@ def synthetic_policy(d_sae: int, n_latents: int, *, per_rule: int = 10, seed: in
 def load_setup(args: argparse.Namespace) -> Setup:
     notes: list[str] = []
     if args.tiny:
-        sys.path.insert(0, str(ROOT))
         from monitor.capture import HookPoint
-        from tests.builders import random_sae, tiny_model, tiny_tokenizer
+        from monitor.testing import random_sae, tiny_model, tiny_tokenizer
 
         model, tokenizer = tiny_model("llama"), tiny_tokenizer()
         sae = random_sae("relu", d_in=model.config.hidden_size, d_sae=max(args.latents) * 2,
@@ -120,13 +119,13 @@ def load_setup(args: argparse.Namespace) -> Setup:
         from monitor.catalog import load_catalog
         from monitor.models import DEFAULT_MODEL_NAME, load_model
         from monitor.sae import load_sae
-        from monitor.wrapper import REPO_POLICIES, SHIPPED_CATALOG
+        from monitor.shipped import SHIPPED_CATALOG, shipped_policies_dir
 
         model, tokenizer = load_model(args.model)
         sae = load_sae(args.sae)
         catalog_path = args.catalog or (SHIPPED_CATALOG if args.sae == "default" and SHIPPED_CATALOG.is_file() else None)
         catalog = load_catalog(catalog_path, d_sae=sae.cfg.d_sae) if catalog_path else None
-        shipped = _compile(args.policies or REPO_POLICIES, catalog, sae, notes)
+        shipped = _compile(args.policies or shipped_policies_dir(), catalog, sae, notes)
         model_name = DEFAULT_MODEL_NAME if args.model == "default" else args.model
         name = f"{model_name}, SAE {args.sae} ({sae.cfg.architecture}, d_sae {sae.cfg.d_sae})"
     if tokenizer.pad_token_id is None:
@@ -212,7 +211,7 @@ class Run:
 
 
 def generate(setup: Setup, policy: Any, inputs: dict[str, torch.Tensor], new_tokens: int) -> Run:
-    from monitor.wrapper import Monitor
+    from monitor.runtime.hf import Monitor
 
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=setup.tokenizer.pad_token_id)

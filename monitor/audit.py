@@ -25,66 +25,12 @@ import json
 import math
 import os
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from monitor.policy import Hit, SteerDirective
-    from monitor.wrapper import Report
+from monitor.report import Decision, Report, ReportObserver, decisions
 
-
-@dataclass(frozen=True)
-class Decision:
-    """One enforcement decision of a call, joined with the hit that caused it."""
-
-    action: str  # "block" | "steer"
-    rule: str
-    row: int
-    scope: str
-    token_index: int
-    hit: Hit | None
-    steer: SteerDirective | None = None
-
-    @property
-    def feature(self) -> str | None:
-        return self.hit.feature if self.hit is not None else None
-
-    @property
-    def activation(self) -> float | None:
-        return self.hit.activation if self.hit is not None else None
-
-    @property
-    def alert(self) -> bool:
-        """True when the deciding rule also carries an ``alert`` action."""
-        return self.hit is not None and "alert" in self.hit.actions
-
-
-def decisions(report: Report) -> Iterator[Decision]:
-    """The blocks (by row) then the steering directives of ``report``."""
-    for row in sorted(report.blocks):
-        info = report.blocks[row]
-        yield Decision("block", info.rule_id, row, info.scope, info.token_index,
-                       driving_hit(report.hits, row, info.rule_id, info.token_index, info.scope,
-                                   "block"))
-    for d in report.steers:
-        yield Decision("steer", d.rule_id, d.row, d.scope, d.token_index,
-                       driving_hit(report.hits, d.row, d.rule_id, d.token_index, d.scope,
-                                   "steer"), d)
-
-
-def driving_hit(hits: Sequence[Hit], row: int, rule_id: str, token_index: int, scope: str,
-                action: str) -> Hit | None:
-    """The hit behind a decision: same row, rule, token and scope (else the rule's first hit
-    on that row with that action)."""
-    fallback = None
-    for hit in hits:
-        if hit.row == row and hit.rule_id == rule_id and action in hit.actions:
-            if hit.token_index == token_index and hit.scope == scope:
-                return hit
-            fallback = fallback or hit
-    return fallback
+__all__ = ["AuditTrail", "Decision", "decisions", "record"]
 
 
 def record(report: Report, decision: Decision, now: dt.datetime | None = None) -> dict[str, Any]:
@@ -106,9 +52,10 @@ def _finite(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
 
-class AuditTrail:
+class AuditTrail(ReportObserver):
     """Append every block and steer decision to the JSONL file at ``path`` (created if absent,
-    parent directories too). Use as a Monitor callback; :meth:`close` when done."""
+    parent directories too). Register with :meth:`attach` (or pass as a Monitor callback);
+    :meth:`close` when done."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)

@@ -20,7 +20,10 @@ indices for one SAE. A catalog file looks like::
 
 The file is strict (unknown keys are errors) and checked when it is loaded against the SAE it
 will be used with (``sae_id``, ``d_sae``), so a wrong index fails at startup, not at the first
-token. Probe vectors are read lazily from safetensors the first time :meth:`Catalog.probe` asks.
+token. Probe vectors are read lazily from safetensors the first time :meth:`Catalog.probe` asks;
+torch is imported only then, so validating policies against a catalog (``policy check`` in a
+pre-commit hook) never pays for it. The file is read with the one YAML loader
+(:func:`monitor.yaml_source.load_document`: size limit, alias and nesting limits, located errors).
 """
 
 from __future__ import annotations
@@ -28,23 +31,29 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+from pydantic import (ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
 from monitor.errors import CatalogError
-from monitor.yaml_source import (YamlSource, YamlSyntaxError, duplicate_key_messages, located,
-                                 parse_yaml, sort_messages, suggest,
-                                 validation_messages)
+from monitor.yaml_messages import (duplicate_key_messages, located, sort_messages, suggest,
+                                   validation_messages)
+from monitor.yaml_source import (DocumentKind, NumbersNotBooleans, YamlDocumentError, YamlSource,
+                                 load_document)
+
+if TYPE_CHECKING:
+    import torch
 
 FEATURE_NAME_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$"
+CATALOG_FILE = DocumentKind(what="catalog", needs="'sae', 'layer' and 'features'",
+                            keys="'sae', 'layer' and 'features'", max_bytes=64 * 1024 * 1024)
+"""Catalogs may name every latent of a wide SAE with evidence, hence the generous size limit."""
 _LOADER_CHECKS = "catalog_loader_checks"  # validation context flag: the loader reports these
 
 
-class FeatureEntry(BaseModel):
+class FeatureEntry(NumbersNotBooleans):
     """One named feature: either an SAE latent or a linear probe on the residual stream."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -83,7 +92,7 @@ class FeatureEntry(BaseModel):
         return "latent" if self.latent is not None else "probe"
 
 
-class Catalog(BaseModel):
+class Catalog(NumbersNotBooleans):
     """A validated catalog. Immutable; probe tensors are cached on first use (thread-safe)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -205,6 +214,7 @@ class Catalog(BaseModel):
             key = entry.probe
             if not path.is_file():
                 raise CatalogError(f"probe feature '{name}': probes file {path} does not exist")
+            import torch
             from safetensors import safe_open
 
             try:
@@ -286,16 +296,9 @@ def load_catalog(path: str | Path, *, sae_id: str | None = None,
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CatalogError(f"cannot read catalog {path}: {exc.strerror or exc}") from None
-    try:
-        src = parse_yaml(text, path)
-    except YamlSyntaxError as exc:
+        src = load_document(path, CATALOG_FILE)
+    except YamlDocumentError as exc:
         raise CatalogError(exc.message) from None
-    if not isinstance(src.data, dict):
-        raise CatalogError(f"{path}:1:1: a catalog must be a mapping with keys 'sae', 'layer' "
-                           f"and 'features'; got {type(src.data).__name__}")
     errors = duplicate_key_messages(src)
     catalog: Catalog | None = None
     try:

@@ -18,76 +18,26 @@ Flow: :func:`load_discovery_items` -> :func:`discover` -> :class:`DiscoveryResul
 from __future__ import annotations
 
 import random
-import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from monitor.capture import HookPoint, forward_through
-from monitor.data import read_jsonl, render
-from monitor.errors import CatalogError, DataError
+# labeled_item and load_labeled stay importable from here, where they lived before
+# monitor.activations existed (scripts use them).
+from monitor.activations import labeled_item, load_labeled  # noqa: F401
+from monitor.activations import LabeledText, Progress, as_items, pair_groups, pooled_activations, sae_encoder
+from monitor.capture import HookPoint
+# Catalog entries from a discovery live in monitor.catalog_entries; importable from here too.
+from monitor.catalog_entries import merge_into_catalog, to_catalog_entries  # noqa: F401
+from monitor.errors import DataError
 from monitor.stats import auroc
 
-Encoder = Callable[[torch.Tensor], torch.Tensor]
 Direction = Literal["positive", "negative", "both"]
-
-
-@dataclass(frozen=True)
-class LabeledText:
-    """One labeled item; ``spans`` are the character ranges that count (empty: all text)."""
-
-    text: str
-    label: int
-    category: str = ""
-    source: str = ""
-    spans: tuple[tuple[int, int], ...] = ()
-    meta: Mapping[str, Any] = field(default_factory=dict)
-
-
-def _line_spans(text: str, lines: Iterable[str]) -> list[tuple[int, int]]:
-    spans = []
-    for line in lines:
-        line = line.strip()
-        if not line:
-            continue
-        at = text.find(line)
-        if at >= 0:
-            spans.append((at, at + len(line)))
-    return spans
-
-
-def labeled_item(row: Mapping[str, Any], tokenizer: Any = None, *, scope: str = "auto") -> LabeledText:
-    """Build a :class:`LabeledText` from a row in the format of the dev sets.
-
-    ``scope``: ``auto`` (response if the row has one, else changed lines, else all), ``all``.
-    """
-    text = render(dict(row), tokenizer)
-    spans: list[tuple[int, int]] = []
-    if scope == "auto":
-        response = row.get("response")
-        if isinstance(response, str) and response.strip():
-            at = text.rfind(response.strip())
-            if at >= 0:
-                spans = [(at, at + len(response.strip()))]
-        elif row.get("changed_lines"):
-            spans = _line_spans(text, row["changed_lines"])
-    return LabeledText(text=text, label=int(row.get("label", 0)), category=str(row.get("category", "")),
-                       source=str(row.get("source", "")).split(":")[0], spans=tuple(spans),
-                       meta={k: row[k] for k in ("id", "pair_id", "subtype", "cwe", "language") if k in row})
-
-
-def load_labeled(path: str | Path, tokenizer: Any = None, *, scope: str = "auto",
-                 label: int | None = None) -> list[LabeledText]:
-    """Items of a labeled JSONL file; ``label`` overrides every row's label (for P/N files)."""
-    rows = read_jsonl(path)
-    if label is not None:
-        rows = ({**row, "label": label} for row in rows)
-    return [labeled_item(row, tokenizer, scope=scope) for row in rows]
 
 
 def load_discovery_items(tokenizer: Any = None, *, data: Sequence[str | Path] = (),
@@ -124,16 +74,6 @@ def load_discovery_items(tokenizer: Any = None, *, data: Sequence[str | Path] = 
     return items
 
 
-def pair_groups(items: Sequence[LabeledText]) -> dict[str, list[int]]:
-    """Indices of ``items`` grouped so both sides of a minimal pair (same ``pair_id``) stay
-    together; an item without a pair is a group of its own. Keys in first-seen order."""
-    groups: dict[str, list[int]] = {}
-    for i, item in enumerate(items):
-        pid = item.meta.get("pair_id")
-        groups.setdefault(f"pair:{pid}" if pid is not None else f"item:{i}", []).append(i)
-    return groups
-
-
 def _sample(items: Sequence[LabeledText], per_label: int, seed: int) -> list[LabeledText]:
     """At most ``per_label`` items of each label, drawn at random but keeping minimal pairs
     (same ``pair_id``) together so that pair statistics stay available."""
@@ -148,137 +88,6 @@ def _sample(items: Sequence[LabeledText], per_label: int, seed: int) -> list[Lab
                 counts[item.label] += 1
                 kept.append(item)
     return kept
-
-
-# ------------------------------------------------------------------ running the model
-
-
-def _token_window(item: LabeledText, tokenizer: Any, ctx: int) -> tuple[list[int], list[bool]]:
-    enc = tokenizer(item.text, add_special_tokens=True, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    if item.spans:
-        in_scope = [any(s < e_tok and s_tok < e for s, e in item.spans) and e_tok > s_tok
-                    for s_tok, e_tok in offsets]
-    else:
-        in_scope = [True] * len(ids)
-    if not ids:
-        return [], []
-    in_scope[0] = False
-    if not any(in_scope):  # spans not found after tokenization: fall back to the whole text
-        in_scope = [True] * len(ids)
-        in_scope[0] = False
-    first = in_scope.index(True) if any(in_scope) else 0
-    start = 0 if first < ctx else max(0, first - ctx // 4)
-    window_ids, window_scope = ids[start:start + ctx], in_scope[start:start + ctx]
-    if start > 0:
-        window_scope[0] = False
-    return window_ids, window_scope
-
-
-def _padded_batches(windows: Sequence[tuple[list[int], list[bool]]], batch_size: int, pad_id: int
-                    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(item indices, ids, attention mask, scope)`` per batch, items sorted by length."""
-    order = sorted(range(len(windows)), key=lambda i: len(windows[i][0]))
-    for b in range(0, len(order), batch_size):
-        batch = order[b:b + batch_size]
-        width = max(1, max(len(windows[i][0]) for i in batch))
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        scope = torch.zeros(ids.shape, dtype=torch.bool)
-        for r, i in enumerate(batch):
-            w_ids, w_scope = windows[i]
-            ids[r, :len(w_ids)] = torch.tensor(w_ids, dtype=torch.long)
-            attn[r, :len(w_ids)] = 1
-            scope[r, :len(w_ids)] = torch.tensor(w_scope, dtype=torch.bool)
-        yield batch, ids, attn, scope
-
-
-@torch.no_grad()
-def pooled_activations(model: nn.Module, tokenizer: Any, items: Sequence[LabeledText],
-                       encoders: Mapping[HookPoint, Encoder], *, ctx: int = 256, batch_size: int = 8,
-                       progress: Callable[[int, int], None] | None = None,
-                       floor: float | None = 0.0) -> dict[HookPoint, torch.Tensor]:
-    """Per item, the max over in-scope tokens of each encoder's output: ``{point: [n, D]}``.
-
-    The forward pass stops after the deepest hooked block. Items are batched by length.
-    Results are clamped below at ``floor`` (0 suits SAE latents; pass None for signed scores
-    such as probes: an item without in-scope tokens is then ``-inf``).
-    """
-    windows = [_token_window(item, tokenizer, ctx) for item in items]
-    results: dict[HookPoint, list[tuple[int, torch.Tensor]]] = {p: [] for p in encoders}
-    done = 0
-    for batch, ids, attn, scope in _padded_batches(windows, batch_size, tokenizer.pad_token_id or 0):
-        def grab(point: HookPoint, encode: Encoder, batch: list[int] = batch, scope: torch.Tensor = scope):
-            def hook(resid: torch.Tensor) -> None:
-                acts = encode(resid.float()).float()
-                acts = acts.masked_fill(~scope[..., None], float("-inf")).amax(dim=1)
-                if floor is not None:
-                    acts = acts.clamp_min(floor)
-                results[point].extend(zip(batch, acts))
-            return hook
-
-        forward_through(model, {p: grab(p, e) for p, e in encoders.items()}, input_ids=ids, attention_mask=attn)
-        done += len(batch)
-        if progress:
-            progress(done, len(items))
-    out = {}
-    for point, pairs in results.items():
-        pairs.sort(key=lambda pair: pair[0])
-        out[point] = torch.stack([t for _, t in pairs])
-    return out
-
-
-@dataclass(frozen=True)
-class TokenBatch:
-    """Per-token encoder outputs of one batch; ``acts`` is zero wherever ``scope`` is False."""
-
-    indices: list[int]        # item index of each row
-    ids: torch.Tensor         # [b, t] token ids (padding beyond each item's length)
-    lengths: list[int]        # tokens per row
-    scope: torch.Tensor       # [b, t] bool: positions that count
-    acts: torch.Tensor        # [b, t, D] float32
-
-
-@torch.no_grad()
-def iter_token_activations(model: nn.Module, tokenizer: Any, items: Sequence[LabeledText],
-                           point: HookPoint, encode: Encoder, *, ctx: int = 256,
-                           batch_size: int = 8,
-                           progress: Callable[[int, int], None] | None = None) -> Iterator[TokenBatch]:
-    """Stream per-token activations of ``encode`` at ``point``, one length-sorted batch at a time.
-
-    The tokenisation, scope and truncation are those of :func:`pooled_activations`, so a
-    per-token maximum here equals the pooled value there.
-    """
-    windows = [_token_window(item, tokenizer, ctx) for item in items]
-    done = 0
-    for batch, ids, attn, scope in _padded_batches(windows, batch_size, tokenizer.pad_token_id or 0):
-        captured: list[torch.Tensor] = []
-        forward_through(model, {point: lambda resid: captured.append(encode(resid.float()).float())},
-                        input_ids=ids, attention_mask=attn)
-        acts = captured[0] * scope[..., None]
-        done += len(batch)
-        if progress:
-            progress(done, len(items))
-        yield TokenBatch(batch, ids, [len(windows[i][0]) for i in batch], scope, acts)
-
-
-def sae_encoder(sae: Any, latents: Sequence[int] | torch.Tensor | None = None) -> Encoder:
-    """Encode residuals as the monitor does: ``latents`` only (all if None), float32, and zero
-    at tokens outside the SAE's input range (``sae.input_mask``: massive-norm positions)."""
-    encode = sae.encode if latents is None else sae.subset_encoder(latents)
-    input_mask = getattr(sae, "input_mask", None)
-
-    def run(resid: torch.Tensor) -> torch.Tensor:
-        acts = encode(resid).float()
-        if input_mask is not None:
-            acts = acts * input_mask(resid)[..., None]
-        return acts
-
-    return run
-
-
-def _as_items(texts: Sequence[str | LabeledText]) -> list[LabeledText]:
-    return [t if isinstance(t, LabeledText) else LabeledText(text=t, label=0) for t in texts]
 
 
 # ------------------------------------------------------------------ scoring
@@ -445,7 +254,7 @@ class DiscoveryResult:
 def discover(model: nn.Module, tokenizer: Any, sae: Any, items: Sequence[LabeledText], *,
              top: int = 20, direction: Direction = "positive", ctx: int = 256, batch_size: int = 8,
              point: HookPoint | None = None,
-             progress: Callable[[int, int], None] | None = None) -> DiscoveryResult:
+             progress: Progress | None = None) -> DiscoveryResult:
     """Score every latent of ``sae`` on ``items`` and rank the best ``top``.
 
     One forward pass per text, stopped after the SAE's block; run the model in bfloat16 on CPU
@@ -467,14 +276,14 @@ def discover(model: nn.Module, tokenizer: Any, sae: Any, items: Sequence[Labeled
 def max_activations(model: nn.Module, tokenizer: Any, sae: Any, texts: Sequence[str | LabeledText],
                     latents: Sequence[int] | torch.Tensor, *, ctx: int = 256, batch_size: int = 8,
                     point: HookPoint | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> dict[int, float]:
+                    progress: Progress | None = None) -> dict[int, float]:
     """``{latent: largest activation}`` over every in-scope token of ``texts`` (position 0 and
     out-of-range tokens excluded, as when monitoring). Only ``latents`` are encoded."""
     latents = [int(j) for j in torch.as_tensor(latents, dtype=torch.long).tolist()]
     if not latents:
         return {}
     point = point or sae.hook_point
-    pooled = pooled_activations(model, tokenizer, _as_items(texts), {point: sae_encoder(sae, latents)},
+    pooled = pooled_activations(model, tokenizer, as_items(texts), {point: sae_encoder(sae, latents)},
                                 ctx=ctx, batch_size=batch_size, progress=progress)[point]
     peak = pooled.amax(dim=0) if len(pooled) else torch.zeros(len(latents))
     return dict(zip(latents, peak.tolist()))
@@ -573,91 +382,3 @@ def transfer(result: DiscoveryResult, fit: str, *, key: str = "source",
         oracle[g] = (best, float(all_auc[best]))
     return TransferReport(key=key, fit=fit, latents=latents, fit_auroc=fit_scores.auroc[latents],
                           test_auroc=test_auroc, oracle=oracle, skipped=skipped)
-
-
-# ------------------------------------------------------------------ catalog entries
-
-
-def _slug(text: str, default: str = "discovered") -> str:
-    slug = re.sub(r"[^a-z0-9_]+", "_", text.lower()).strip("_")
-    if not slug or not slug[0].isalpha():
-        slug = f"{default}_{slug}".strip("_") if slug else default
-    return slug
-
-
-def _snippet(item: LabeledText, chars: int = 160) -> str:
-    """The in-scope part of ``item`` (first span), shortened to about ``chars`` characters."""
-    start, end = item.spans[0] if item.spans else (0, len(item.text))
-    piece = " ".join(item.text[start:end].split())
-    return piece if len(piece) <= chars else piece[:chars - 1] + "…"
-
-
-def to_catalog_entries(result: DiscoveryResult, names: Mapping[int, str] | int, sae_id: str,
-                       max_activations: Mapping[int, float] | None = None, *,
-                       examples: Mapping[int, Sequence[str]] | None = None,
-                       descriptions: Mapping[int, str] | None = None,
-                       n_examples: int = 3) -> list[Any]:
-    """Catalog entries (:class:`monitor.catalog.FeatureEntry`) for discovered latents.
-
-    ``names``: ``{latent: "dotted.name"}``, or an int N to take the N best ranked latents
-    named ``<category>.latent_<index>`` (rename them after reading their examples).
-    ``max_activations``: from :func:`max_activations` over a reference corpus; a latent that
-    never fired gets none. ``examples``: contexts per latent (e.g. from
-    :func:`monitor.explain.example_contexts`); by default the in-scope text of the positive
-    items where the latent is highest. Evidence records the SAE id, AUROC, firing rates,
-    mean gap, pair win rate and the data sizes.
-    """
-    from monitor.catalog import FeatureEntry
-
-    if isinstance(names, int):
-        positives = Counter(item.category for item in result.items if item.label == 1)
-        prefix = _slug(positives.most_common(1)[0][0] if positives else "")
-        names = {j: f"{prefix}.latent_{j}" for j in result.ranked[:names].tolist()}
-    d_sae = result.pooled.shape[1]
-    bad = [j for j in names if not 0 <= int(j) < d_sae]
-    if bad:
-        raise CatalogError(f"latents {bad} are out of range for an SAE with {d_sae} latents "
-                           f"(valid: 0..{d_sae - 1})")
-    rows = {row["latent"]: row for row in result.rows(list(names))}
-    entries = []
-    for latent, name in names.items():
-        row = rows[int(latent)]
-        evidence: dict[str, Any] = {"sae": sae_id, "hook": result.point.name, "auroc": row["auroc"]}
-        if "pair_win" in row:
-            evidence["pair_win_rate"] = row["pair_win"]
-            evidence["n_pairs"] = result.scores.n_pairs
-        evidence.update({"firing_rate_pos": row["fire_pos"], "firing_rate_neg": row["fire_neg"],
-                         "mean_gap": row["gap"], "n_pos": result.scores.n_pos,
-                         "n_neg": result.scores.n_neg})
-        if examples is not None and examples.get(int(latent)):
-            evidence["examples"] = list(examples[int(latent)])[:n_examples]
-        else:
-            evidence["examples"] = [_snippet(result.items[i])
-                                    for i in result.top_items(int(latent), n_examples)]
-        peak = (max_activations or {}).get(int(latent))
-        try:
-            entries.append(FeatureEntry(
-                name=name, latent=int(latent),
-                description=(descriptions or {}).get(int(latent), ""),
-                max_activation=round(float(peak), 4) if peak is not None and peak > 0 else None,
-                evidence=evidence))
-        except ValueError as exc:  # pydantic's ValidationError: a bad name
-            raise CatalogError(f"cannot make a catalog entry for latent {latent} named {name!r}: "
-                               f"{exc}") from None
-    return entries
-
-
-def merge_into_catalog(entries: Sequence[Any], sae_id: str, layer: int, existing: Any = None) -> Any:
-    """A :class:`monitor.catalog.Catalog` with ``existing``'s features plus ``entries``; an entry
-    replaces an existing feature of the same name, in place. Refuses a catalog for another SAE."""
-    from monitor.catalog import Catalog
-
-    if existing is None:
-        return Catalog(sae=sae_id, layer=layer, features=tuple(entries))
-    if existing.sae != sae_id or existing.layer != layer:
-        raise CatalogError(f"catalog {existing.source or ''} is for SAE '{existing.sae}' at layer "
-                           f"{existing.layer}, not '{sae_id}' at layer {layer}; write a new one")
-    new = {e.name: e for e in entries}
-    features = [new.pop(f.name, f) for f in existing.features] + list(new.values())
-    merged = Catalog(sae=sae_id, layer=layer, features=tuple(features))
-    return merged.with_source(existing.source) if existing.source is not None else merged

@@ -7,6 +7,11 @@ file, the thing that is wrong and what to do about it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from monitor.report import Report
+
 
 class MonitorError(Exception):
     """Root of every error raised by sae-monitor."""
@@ -46,3 +51,21 @@ class DataError(MonitorError):
 
 class EngineError(MonitorError):
     """The policy engine was called with inputs that do not match the compiled policy or state."""
+
+
+class Blocked(MonitorError):
+    """Raised (with ``block_behavior="raise"``) when a policy blocks a request; ``report``
+    says which rule, where and why."""
+
+    def __init__(self, message: str, report: Report) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class MonitorUnavailable(MonitorError):
+    """Monitoring failed and the monitor fails closed: the request is refused. ``report``
+    carries the error and whatever was decided before it."""
+
+    def __init__(self, message: str, report: Report) -> None:
+        super().__init__(message)
+        self.report = report

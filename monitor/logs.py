@@ -34,12 +34,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
-from monitor.audit import decisions
-from monitor.metrics import policy_store
+from monitor.report import Report, ReportObserver, decisions
 
 if TYPE_CHECKING:
     from monitor.policy import Hit, ReloadResult
-    from monitor.wrapper import Monitor, Report
 
 LOGGER_NAME = "sae_monitor"
 TEXT_KEYS = ("prompt", "response", "text", "messages", "content")
@@ -94,7 +92,7 @@ def configure_json_logging(stream: TextIO | None = None, *, processors: Sequence
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "critical": 50}
 
 
-class ReportLogger:
+class ReportLogger(ReportObserver):
     """Monitor callback that logs every decision of a call (see the module doc for events).
 
     ``log_text``: include prompt/response text in ``request_completed``; otherwise, with
@@ -105,17 +103,6 @@ class ReportLogger:
         self.log_text = log_text
         self.text_hash = text_hash
         self._log = structlog.get_logger(LOGGER_NAME)
-        self._stores: list[Any] = []
-
-    def attach(self, monitor: Monitor) -> ReportLogger:
-        """Register as ``monitor``'s callback and on its policy reloads. Idempotent."""
-        if self not in monitor.callbacks:
-            monitor.callbacks.append(self)
-        store = policy_store(monitor)
-        if store is not None and not any(s is store for s in self._stores):
-            store.on_reload(self.observe_reload)
-            self._stores.append(store)
-        return self
 
     def __call__(self, report: Report) -> None:
         """Log the hits, blocks and steers of one finished call."""
@@ -161,7 +148,7 @@ class ReportLogger:
                        total_seconds=round(report.total_seconds, 6), error=report.error,
                        **text, **fields)
 
-    def observe_reload(self, result: ReloadResult) -> None:
+    def observe_reload(self, result: ReloadResult, store: Any = None) -> None:
         """Log one policy reload attempt."""
         if result.ok:
             self._log.info("policy_reload_succeeded", version_id=result.version_id,

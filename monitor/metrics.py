@@ -1,6 +1,6 @@
 """Prometheus metrics: every instrument sae-monitor exports, defined in one place.
 
-One-way flow: a finished call's :class:`~monitor.wrapper.Report` -> :class:`MonitorMetrics`
+One-way flow: a finished call's :class:`~monitor.report.Report` -> :class:`MonitorMetrics`
 (a Monitor callback) -> the injected registry -> exposition (``/metrics`` in
 :mod:`monitor.serve`, or ``prometheus_client.start_http_server``). Nothing here reads the
 model or the policy engine.
@@ -31,16 +31,15 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, Info
 
-from monitor import __version__
+from monitor.version import __version__
+from monitor.report import OUTCOMES, Report, ReportObserver
 
 if TYPE_CHECKING:
     from monitor.catalog import Catalog
     from monitor.policy import CompiledPolicy, ReloadResult
     from monitor.sae import SAE
-    from monitor.wrapper import Monitor, Report
 
 PREFIX = "sae_monitor"
-OUTCOMES = ("allowed", "blocked", "steered", "error", "failed_open")
 SCOPES = ("prompt", "response")
 RELOAD_RESULTS = ("success", "failure")
 # Per-token monitoring cost: tens of microseconds (a few latents) to tens of milliseconds.
@@ -73,7 +72,7 @@ def sae_identity(sae: SAE | None, catalog: Catalog | None = None) -> str:
     return f"{cfg.architecture}-{cfg.d_sae}@{cfg.hook_name or 'unknown'}"
 
 
-class MonitorMetrics:
+class MonitorMetrics(ReportObserver):
     """All sae-monitor instruments, registered in ``registry`` (the default registry if None).
 
     Use an instance as a Monitor callback (``Monitor(..., callbacks=[metrics])`` or
@@ -115,7 +114,6 @@ class MonitorMetrics:
             self.reloads.labels(result=result)
         self._sae = "unknown"
         self._policy_version = "unknown"
-        self._stores: list[Any] = []
         self._set_build()
 
     # ------------------------------------------------------------------ wiring
@@ -131,21 +129,11 @@ class MonitorMetrics:
         self.build.info({"version": __version__, "policy_version": self._policy_version,
                          "sae": self._sae})
 
-    def attach(self, monitor: Monitor, *, sae_id: str | None = None) -> MonitorMetrics:
-        """Register on ``monitor``: as a report callback, on its policy store's reloads (if it
-        has one) and in the build info. Idempotent; returns ``self``."""
-        if self not in monitor.callbacks:
-            monitor.callbacks.append(self)
-        store = policy_store(monitor)
-        if store is not None and not any(s is store for s in self._stores):
-            store.on_reload(self.observe_reload)
-
-            def declare_reloaded(result: ReloadResult) -> None:
-                if result.ok:
-                    self.declare_rules(store.current)
-
-            store.on_reload(declare_reloaded)
-            self._stores.append(store)
+    def attach(self, monitor: Any, *, sae_id: str | None = None) -> MonitorMetrics:
+        """Register on ``monitor`` (as a report callback and on its policy reloads, see
+        :meth:`ReportObserver.attach`), start every rule's series at zero and fill the build
+        info. Idempotent; returns ``self``."""
+        super().attach(monitor)
         self.declare_rules(monitor.policy)
         self.set_build(policy_version=monitor.policy.version_id,
                        sae=sae_id or sae_identity(monitor.sae, monitor.catalog))
@@ -193,10 +181,13 @@ class MonitorMetrics:
         if self._policy_version == "unknown" and report.policy_version:  # not attached
             self.set_build(policy_version=report.policy_version)
 
-    def observe_reload(self, result: ReloadResult) -> None:
-        """Count one reload attempt; a successful one updates the build info's policy version."""
+    def observe_reload(self, result: ReloadResult, store: Any = None) -> None:
+        """Count one reload attempt; a successful one updates the build info's policy version
+        and starts the new version's rule series at zero."""
         self.reloads.labels(result="success" if result.ok else "failure").inc()
         if result.ok:
+            if store is not None:
+                self.declare_rules(store.current)
             self.set_build(policy_version=result.version_id)
 
     def exposition(self) -> bytes:
@@ -204,11 +195,3 @@ class MonitorMetrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
-
-
-def policy_store(monitor: Any) -> Any:
-    """The monitor's :class:`~monitor.policy.PolicyStore`, or None for a fixed compiled policy."""
-    store = getattr(monitor, "policy_store", None)
-    if store is None:
-        store = getattr(monitor, "_store", None)
-    return store

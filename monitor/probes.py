@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from monitor.capture import HookPoint
-from monitor.discover import LabeledText, _as_items, iter_token_activations, pair_groups, pooled_activations
+from monitor.activations import (LabeledText, Progress, as_items, identity, iter_token_activations, pair_groups,
+                                 pooled_activations)
 from monitor.errors import CatalogError, DataError
 from monitor.stats import auroc
 
@@ -82,7 +83,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, sample_weight: torch.Tenso
     return weight.contiguous(), b_z - float((mean / sd) @ w_z)
 
 
-def _split(items: Sequence[LabeledText], holdout: float, seed: int) -> tuple[list[int], list[int]]:
+def holdout_split(items: Sequence[LabeledText], holdout: float, seed: int) -> tuple[list[int], list[int]]:
     """Train and held-out indices; both sides of a ``pair_id`` land on the same side."""
     groups = pair_groups(items)
     keys = sorted(groups)
@@ -96,13 +97,13 @@ def _split(items: Sequence[LabeledText], holdout: float, seed: int) -> tuple[lis
 @torch.no_grad()
 def _token_rows(model: nn.Module, tokenizer: Any, items: Sequence[LabeledText], point: HookPoint, *,
                 tokens_per_item: int, ctx: int, batch_size: int, seed: int,
-                progress: Callable[[int, int], None] | None
+                progress: Progress | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Residuals of up to ``tokens_per_item`` random in-scope tokens per item, their item's
     label, and a weight per token that gives every item the same total weight."""
     g = torch.Generator().manual_seed(seed)
     xs, ys, ws = [], [], []
-    for tb in iter_token_activations(model, tokenizer, items, point, lambda r: r, ctx=ctx,
+    for tb in iter_token_activations(model, tokenizer, items, point, identity, ctx=ctx,
                                      batch_size=batch_size, progress=progress):
         for r, i in enumerate(tb.indices):
             positions = tb.scope[r].nonzero().squeeze(1)
@@ -121,7 +122,7 @@ def _token_rows(model: nn.Module, tokenizer: Any, items: Sequence[LabeledText], 
 def fit_probe(model: nn.Module, tokenizer: Any, items: Sequence[LabeledText], point: HookPoint, *,
               l2: float = 1e-3, holdout: float = 0.25, tokens_per_item: int = 64, ctx: int = 256,
               batch_size: int = 8, seed: int = 0,
-              progress: Callable[[int, int], None] | None = None) -> Probe:
+              progress: Progress | None = None) -> Probe:
     """Fit a logistic-regression probe on residual activations at ``point``.
 
     **Per-token training**, each in-scope token labeled with its text's label, rather than
@@ -138,7 +139,7 @@ def fit_probe(model: nn.Module, tokenizer: Any, items: Sequence[LabeledText], po
     scored with the run-time rule; their AUROC is ``evidence["auroc_heldout"]``.
     """
     items = list(items)
-    train_idx, test_idx = _split(items, holdout, seed) if holdout > 0 else (list(range(len(items))), [])
+    train_idx, test_idx = holdout_split(items, holdout, seed) if holdout > 0 else (list(range(len(items))), [])
     train = [items[i] for i in train_idx]
     labels = torch.tensor([item.label for item in train])
     if not (labels == 1).any() or not (labels == 0).any():
@@ -165,14 +166,14 @@ def fit_probe(model: nn.Module, tokenizer: Any, items: Sequence[LabeledText], po
 @torch.no_grad()
 def probe_scores(model: nn.Module, tokenizer: Any, items: Sequence[str | LabeledText], point: HookPoint,
                  weight: torch.Tensor, bias: float, *, ctx: int = 256, batch_size: int = 8,
-                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                 progress: Progress | None = None) -> torch.Tensor:
     """Per text, the max over in-scope tokens of ``x @ weight + bias`` (the run-time rule): ``[n]``."""
     weight = torch.as_tensor(weight).float()
 
     def encode(resid: torch.Tensor) -> torch.Tensor:
         return (resid.float() @ weight + bias)[..., None]
 
-    pooled = pooled_activations(model, tokenizer, _as_items(items), {point: encode}, ctx=ctx,
+    pooled = pooled_activations(model, tokenizer, as_items(items), {point: encode}, ctx=ctx,
                                 batch_size=batch_size, progress=progress, floor=None)[point]
     return pooled[:, 0]
 

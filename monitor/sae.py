@@ -17,130 +17,46 @@ depends on every other latent (it must be among the k largest), so topk needs th
 :meth:`SAE.subset_encoder` still works for it but says so in ``is_cheap``.
 
 On disk we read and write SAELens's layout (``cfg.json`` + ``sae_weights.safetensors``), and
-read Gemma Scope's ``params.npz`` and EleutherAI sparsify's ``cfg.json`` + ``sae.safetensors``.
-Unknown ``cfg.json`` keys are kept, so files from newer tools still load.
+read Gemma Scope's ``params.npz`` and EleutherAI sparsify's ``cfg.json`` + ``sae.safetensors``
+(:mod:`monitor.sae_formats`). Unknown ``cfg.json`` keys are kept, so files from newer tools
+still load; what would be read wrongly (an SAE on the MLP output or attention, a transcoder, a
+skip connection) is refused with the reason. Only the residual stream is hooked
+(``blocks.L.hook_resid_post`` / ``hook_resid_pre``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from monitor import sae_formats as formats
 from monitor.errors import SAEFormatError, SAEMismatchError
+from monitor.sae_config import (  # noqa: F401 - re-exported: monitor.sae is where users look
+    ARCHITECTURES,
+    GEMMASCOPE_PARAMS,
+    SAELENS_CFG,
+    SAELENS_FORMAT_VERSION,
+    SAELENS_WEIGHTS,
+    SPARSIFY_WEIGHTS,
+    Architecture,
+    Normalization,
+    SAEConfig,
+)
+from monitor.sae_hooks import check_layer_arg, check_residual_hook, placed  # noqa: F401
 
-Architecture = Literal["relu", "jumprelu", "topk", "batchtopk"]
-ARCHITECTURES: tuple[str, ...] = ("relu", "jumprelu", "topk", "batchtopk")
-_ARCH_ALIASES = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk",
-                 "batchtopk": "batchtopk", "batch_topk": "batchtopk"}
+if TYPE_CHECKING:
+    from monitor.capture import HookPoint
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "torch.float32": torch.float32, "torch.float16": torch.float16,
            "torch.bfloat16": torch.bfloat16}
-Normalization = Literal["none", "constant_norm_rescale", "layer_norm"]
-
-SAELENS_CFG = "cfg.json"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
-SPARSIFY_WEIGHTS = "sae.safetensors"
-GEMMASCOPE_PARAMS = "params.npz"
 SHIPPED_DIR = Path(__file__).parent / "saes"
-
-
-@dataclass(frozen=True)
-class SAEConfig:
-    """What an SAE is and where it reads. Mirrors SAELens's ``cfg.json``.
-
-    ``k`` is required for topk and batchtopk (for batchtopk it is the training k, kept for
-    the record). ``normalize_activations`` is applied per token at encode and undone at decode:
-    ``none`` (any constant scaling is folded into the weights), ``constant_norm_rescale``
-    (scale each token to norm sqrt(d_in)) or ``layer_norm``.
-    """
-
-    architecture: Architecture
-    d_in: int
-    d_sae: int
-    k: int | None = None
-    apply_b_dec_to_input: bool = False
-    normalize_activations: Normalization = "none"
-    model_name: str = ""
-    hook_name: str = ""
-    hook_layer: int | None = None
-    dtype: str = "float32"
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise SAEFormatError(
-                f"unknown SAE architecture {self.architecture!r}; valid: {', '.join(ARCHITECTURES)}"
-            )
-        if self.architecture in ("topk", "batchtopk") and not self.k:
-            raise SAEFormatError(f"a {self.architecture} SAE needs k in its config")
-        if self.normalize_activations not in ("none", "constant_norm_rescale", "layer_norm"):
-            raise SAEFormatError(
-                f"normalize_activations={self.normalize_activations!r} is not supported; fold a "
-                "constant scaling factor into the weights and use 'none', or use "
-                "'constant_norm_rescale' or 'layer_norm'"
-            )
-
-    def to_saelens(self) -> dict[str, Any]:
-        """``cfg.json`` contents readable by SAELens (v5 and v6 keys both present).
-
-        batchtopk is written as SAELens's inference form, ``jumprelu`` with a threshold vector;
-        ``metadata.trained_architecture`` records the truth for us.
-        """
-        arch = {"relu": "standard", "batchtopk": "jumprelu"}.get(self.architecture, self.architecture)
-        metadata = {**self.metadata, "model_name": self.model_name, "hook_name": self.hook_name,
-                    "hook_layer": self.hook_layer, "trained_architecture": self.architecture}
-        if self.k:
-            metadata["k"] = self.k
-        cfg: dict[str, Any] = {
-            "architecture": arch, "d_in": self.d_in, "d_sae": self.d_sae, "dtype": self.dtype,
-            "device": "cpu", "apply_b_dec_to_input": self.apply_b_dec_to_input,
-            "normalize_activations": self.normalize_activations, "model_name": self.model_name,
-            "hook_name": self.hook_name, "hook_layer": self.hook_layer, "metadata": metadata,
-        }
-        if self.architecture == "topk":
-            cfg["k"] = self.k
-            cfg["activation_fn_kwargs"] = {"k": self.k}
-        return cfg
-
-    @classmethod
-    def from_saelens(cls, raw: dict[str, Any], source: str = "cfg.json") -> SAEConfig:
-        meta = dict(raw.get("metadata") or {})
-        arch_raw = str(meta.get("trained_architecture") or raw.get("architecture") or "standard")
-        if arch_raw not in _ARCH_ALIASES:
-            raise SAEFormatError(
-                f"{source}: unknown architecture {arch_raw!r}; valid: {', '.join(sorted(_ARCH_ALIASES))}"
-            )
-        arch = _ARCH_ALIASES[arch_raw]
-        if raw.get("activation_fn_str") == "topk" or raw.get("activation_fn") == "topk":
-            arch = "topk"
-        k = raw.get("k") or (raw.get("activation_fn_kwargs") or {}).get("k") or meta.get("k")
-        for key in ("d_in", "d_sae"):
-            if not isinstance(raw.get(key), int):
-                raise SAEFormatError(f"{source}: missing or non-integer '{key}'")
-        norm = raw.get("normalize_activations") or "none"
-        if norm == "expected_average_only_in":
-            # SAELens folds this scaling factor into the weights when it saves a trained SAE.
-            norm = "none"
-        known = {"architecture", "d_in", "d_sae", "k", "apply_b_dec_to_input",
-                 "normalize_activations", "model_name", "hook_name", "hook_layer", "dtype",
-                 "metadata", "activation_fn_kwargs", "device"}
-        extra = {k_: v for k_, v in raw.items() if k_ not in known}
-        return cls(
-            architecture=arch, d_in=raw["d_in"], d_sae=raw["d_sae"], k=int(k) if k else None,
-            apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", False)),
-            normalize_activations=norm,
-            model_name=str(raw.get("model_name") or meta.get("model_name") or ""),
-            hook_name=str(raw.get("hook_name") or meta.get("hook_name") or ""),
-            hook_layer=raw.get("hook_layer", meta.get("hook_layer")),
-            dtype=str(raw.get("dtype") or "float32").replace("torch.", ""),
-            metadata={**{k_: v for k_, v in meta.items() if k_ != "trained_architecture"}, **extra},
-        )
 
 
 class SubsetEncoder:
@@ -164,8 +80,8 @@ class SubsetEncoder:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_cheap:
             return self.sae.encode(x)[..., self.latents]
-        pre = self.sae._encoder_input(x) @ self.W + self.b
-        return self.sae._activate(pre, self.threshold)
+        pre = self.sae.encoder_input(x) @ self.W + self.b
+        return self.sae.activate(pre, self.threshold)
 
 
 class SAE(nn.Module):
@@ -181,6 +97,9 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
         # relu and topk ignore it; jumprelu uses it per latent; batchtopk fills it with one value.
         self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype), requires_grad=False)
+        #: Where the SAE was loaded from (None when built in memory): files that belong to it,
+        #: such as its feature catalog, are looked up beside it.
+        self.source_path: Path | None = None
 
     # ----------------------------------------------------------------- encode / decode
     def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -190,16 +109,17 @@ class SAE(nn.Module):
         if mode == "constant_norm_rescale":
             scale = (self.cfg.d_in**0.5) / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
             return x * scale, scale, None
+        # As SAELens: (x - mu) / (std + 1e-5) in, out * std + mu back.
         mu = x.mean(dim=-1, keepdim=True)
         centered = x - mu
-        std = centered.std(dim=-1, keepdim=True).clamp_min(1e-5)
-        return centered / std, std, mu
+        std = centered.std(dim=-1, keepdim=True)
+        return centered / (std + 1e-5), std, mu
 
-    def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         x = self._normalize(x.to(self.W_enc.dtype))[0]
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
-    def _activate(self, pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    def activate(self, pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         arch = self.cfg.architecture
         if arch == "relu":
             return torch.relu(pre)
@@ -210,8 +130,8 @@ class SAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent activations ``[..., d_sae]`` for residual activations ``[..., d_in]``."""
-        pre = self._encoder_input(x) @ self.W_enc + self.b_enc
-        return self._activate(pre, self.threshold)
+        pre = self.encoder_input(x) @ self.W_enc + self.b_enc
+        return self.activate(pre, self.threshold)
 
     def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction ``[..., d_in]``. Per-token normalizations need the input ``x`` to undo."""
@@ -221,7 +141,8 @@ class SAE(nn.Module):
         if x is None:
             raise ValueError(f"decode needs x to undo normalize_activations={self.cfg.normalize_activations}")
         _, scale, mu = self._normalize(x.to(self.W_enc.dtype))
-        if self.cfg.normalize_activations == "constant_norm_rescale":
+        assert scale is not None  # normalize_activations is not "none" here
+        if mu is None:  # constant_norm_rescale
             return out / scale
         return out * scale + mu
 
@@ -280,149 +201,74 @@ class SAE(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, *, dtype: torch.dtype | None = torch.float32) -> SAE:
+    def load(cls, path: str | Path, *, dtype: torch.dtype | None = torch.float32,
+             hook: str | None = None, layer: int | None = None) -> SAE:
         """Load from a directory in SAELens, sparsify or Gemma Scope layout, or ``params.npz``.
 
         ``dtype`` converts the weights (float32 by default: fast on CPUs); ``None`` keeps the
-        stored precision.
+        stored precision. ``hook`` (``blocks.12.hook_resid_post``, or a site ``resid_pre`` /
+        ``resid_post``) and ``layer`` say where the SAE reads when the files do not (a renamed
+        sparsify directory, a Gemma Scope ``params.npz`` outside its ``layer_N`` folder) or
+        say it wrongly; they take precedence over what the files say.
         """
         path = Path(path)
+        layer = check_layer_arg(layer, hook)
         if path.is_file() and path.suffix == ".npz":
-            return _load_gemmascope(path, dtype)
-        if not path.is_dir():
+            cfg, tensors = formats.load_gemmascope(path, layer)
+        elif not path.is_dir():
             raise SAEFormatError(f"{path}: no such SAE directory. Pass a directory holding "
                                  f"{SAELENS_CFG} + {SAELENS_WEIGHTS}, or 'default'.")
-        if (path / SAELENS_WEIGHTS).is_file():
-            return _load_saelens(path, dtype)
-        if (path / SPARSIFY_WEIGHTS).is_file():
-            return _load_sparsify(path, dtype)
-        if (path / GEMMASCOPE_PARAMS).is_file():
-            return _load_gemmascope(path / GEMMASCOPE_PARAMS, dtype)
-        raise SAEFormatError(
-            f"{path}: no SAE weights found; expected {SAELENS_WEIGHTS} (SAELens), "
-            f"{SPARSIFY_WEIGHTS} (sparsify) or {GEMMASCOPE_PARAMS} (Gemma Scope)"
-        )
+        elif (path / SAELENS_WEIGHTS).is_file():
+            cfg, tensors = formats.load_saelens(path)
+        elif (path / SPARSIFY_WEIGHTS).is_file():
+            cfg, tensors = formats.load_sparsify(path, layer)
+        elif (path / GEMMASCOPE_PARAMS).is_file():
+            cfg, tensors = formats.load_gemmascope(path / GEMMASCOPE_PARAMS, layer)
+        else:
+            raise SAEFormatError(
+                f"{path}: no SAE weights found; expected {SAELENS_WEIGHTS} (SAELens), "
+                f"{SPARSIFY_WEIGHTS} (sparsify) or {GEMMASCOPE_PARAMS} (Gemma Scope)"
+            )
+        if hook is not None or layer is not None:
+            cfg = placed(cfg, hook, layer)
+        sae = cls(cfg, dtype=dtype or tensors["W_enc"].dtype)
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                getattr(sae, name).copy_(tensor)
+        sae.source_path = path
+        return sae
 
     @property
-    def hook_point(self):  # -> HookPoint, imported lazily to keep this module light
-        from monitor.capture import HookPoint
+    def hook_point(self) -> HookPoint:
+        from monitor.capture import HookPoint  # imported lazily to keep this module light
 
         if self.cfg.hook_name:
             point = HookPoint.parse(self.cfg.hook_name)
             return point if self.cfg.hook_layer is None else HookPoint(int(self.cfg.hook_layer), point.site)
         if self.cfg.hook_layer is None:
-            raise SAEFormatError("this SAE's config names no hook_name or hook_layer; set one")
+            raise SAEFormatError("this SAE's config names no hook_name or hook_layer; say where it "
+                                 "reads: load_sae(path, layer=12) or hook='blocks.12.hook_resid_post'")
         return HookPoint(int(self.cfg.hook_layer))
 
 
-def load_sae(name_or_path: str | Path = "default", *, dtype: torch.dtype | None = torch.float32) -> SAE:
-    """Load an SAE by path, or a shipped one by name (``"default"``)."""
+def load_sae(name_or_path: str | Path = "default", *, dtype: torch.dtype | None = torch.float32,
+             hook: str | None = None, layer: int | None = None) -> SAE:
+    """Load an SAE by path, or a shipped one by name (``"default"``).
+
+    ``hook`` / ``layer``: where the SAE reads, when its files do not say (see :meth:`SAE.load`).
+    """
     shipped = SHIPPED_DIR / str(name_or_path)
     if isinstance(name_or_path, str) and "/" not in name_or_path and shipped.is_dir():
-        return SAE.load(shipped, dtype=dtype)
+        return SAE.load(shipped, dtype=dtype, hook=hook, layer=layer)
     if str(name_or_path) == "default":
         raise SAEFormatError(
             f"the shipped default SAE is missing from {shipped}; reinstall sae-monitor "
             "(pip install -e .) or pass --sae PATH"
         )
-    return SAE.load(name_or_path, dtype=dtype)
+    return SAE.load(name_or_path, dtype=dtype, hook=hook, layer=layer)
 
 
-# --------------------------------------------------------------------- layout loaders
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SAEFormatError(f"{path}: missing; an SAE directory needs its {path.name}") from None
-    except json.JSONDecodeError as exc:
-        raise SAEFormatError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
-    if not isinstance(data, dict):
-        raise SAEFormatError(f"{path}: expected a JSON object")
-    return data
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise SAEFormatError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-def _assemble(cfg: SAEConfig, tensors: dict[str, torch.Tensor], source: Path,
-              dtype: torch.dtype | None) -> SAE:
-    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,),
-                "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
-    if cfg.architecture in ("jumprelu", "batchtopk"):
-        expected["threshold"] = (cfg.d_sae,)
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise SAEFormatError(f"{source}: tensor '{name}' is missing (expected shape {list(shape)})")
-        found = tuple(tensors[name].shape)
-        if found != shape:
-            raise SAEFormatError(
-                f"{source}: tensor '{name}' has shape {list(found)}, expected {list(shape)} "
-                f"from d_in={cfg.d_in}, d_sae={cfg.d_sae} in the config"
-            )
-        if not torch.isfinite(tensors[name].float()).all():
-            raise SAEFormatError(f"{source}: tensor '{name}' contains NaN or infinite values")
-    stored = tensors["W_enc"].dtype
-    sae = SAE(cfg, dtype=dtype or stored)
-    with torch.no_grad():
-        for name in expected:
-            getattr(sae, name).copy_(tensors[name])
-    return sae
-
-
-def _load_saelens(path: Path, dtype: torch.dtype | None) -> SAE:
-    cfg = SAEConfig.from_saelens(_read_json(path / SAELENS_CFG), str(path / SAELENS_CFG))
-    return _assemble(cfg, _read_safetensors(path / SAELENS_WEIGHTS), path / SAELENS_WEIGHTS, dtype)
-
-
-def _load_sparsify(path: Path, dtype: torch.dtype | None) -> SAE:
-    raw = _read_json(path / SAELENS_CFG)
-    tensors = _read_safetensors(path / SPARSIFY_WEIGHTS)
-    if "encoder.weight" not in tensors:
-        raise SAEFormatError(f"{path / SPARSIFY_WEIGHTS}: tensor 'encoder.weight' is missing")
-    d_sae, d_in = tensors["encoder.weight"].shape
-    if raw.get("d_in") not in (None, d_in):
-        raise SAEFormatError(f"{path / SAELENS_CFG}: d_in={raw['d_in']} but encoder.weight has d_in={d_in}")
-    cfg = SAEConfig(architecture="topk", d_in=int(d_in), d_sae=int(d_sae), k=int(raw.get("k") or 32),
-                    apply_b_dec_to_input=True, hook_name=str(path.name),
-                    metadata={"source_format": "sparsify", **raw})
-    remapped = {"W_enc": tensors["encoder.weight"].T, "b_enc": tensors.get("encoder.bias"),
-                "W_dec": tensors.get("W_dec"), "b_dec": tensors.get("b_dec")}
-    return _assemble(cfg, {k: v for k, v in remapped.items() if v is not None}, path / SPARSIFY_WEIGHTS, dtype)
-
-
-def _load_gemmascope(path: Path, dtype: torch.dtype | None) -> SAE:
-    import numpy as np
-
-    try:
-        with np.load(path) as params:
-            tensors = {k: torch.from_numpy(params[k].copy()) for k in params.files}
-    except Exception as exc:
-        raise SAEFormatError(f"{path}: not a readable .npz file ({exc})") from None
-    if "W_enc" not in tensors:
-        raise SAEFormatError(f"{path}: tensor 'W_enc' is missing")
-    d_in, d_sae = tensors["W_enc"].shape
-    cfg = SAEConfig(architecture="jumprelu", d_in=int(d_in), d_sae=int(d_sae),
-                    metadata={"source_format": "gemmascope"})
-    return _assemble(cfg, tensors, path, dtype)
-
-
-# --------------------------------------------------------------------- fit self-test
-CALIBRATION_TEXT = (
-    "The committee met on Tuesday to review the budget. After a long discussion, they agreed "
-    "to fund the new library and to repair the bridge over the river before winter.\n"
-    "def read_config(path):\n    with open(path) as handle:\n        return json.load(handle)\n\n"
-    "User: Can you explain why the sky is blue?\nAssistant: Sunlight is scattered by the "
-    "molecules in the air, and blue light is scattered more than red light because it has a "
-    "shorter wavelength. That is why we see a blue sky during the day."
-)
-
-
+# --------------------------------------------------------------------- metrics
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Fraction of variance unexplained: ``sum |x - x_hat|^2 / sum |x - mean(x)|^2`` over tokens."""
     x = x.reshape(-1, x.shape[-1]).float()
@@ -430,58 +276,3 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     residual = (x - x_hat).pow(2).sum()
     total = (x - x.mean(dim=0)).pow(2).sum()
     return float(residual / total.clamp_min(1e-12))
-
-
-def check_fit(sae: SAE, model: nn.Module, tokenizer: Any, *, point: Any = None,
-              max_fvu: float = 0.6, text: str = CALIBRATION_TEXT) -> float:
-    """Refuse an SAE that does not reconstruct the model's activations; return its FVU.
-
-    Users most often attach an SAE to the wrong layer, hook site or model, or forget its
-    normalisation; it then silently reads noise. Encoding a short calibration text catches that
-    before any policy relies on it, in two ways: the fraction of variance unexplained must be
-    at most ``max_fvu`` (another model or normalisation gives FVU well above 1), and the SAE
-    must fit its own layer better than the blocks just before and after it (an off-by-one
-    layer fits only slightly worse, so no absolute limit could catch it).
-    """
-    from monitor.capture import HookPoint, find_blocks, forward_through
-
-    point = point if point is not None else sae.hook_point
-    point = point if isinstance(point, HookPoint) else HookPoint(int(point))
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if hidden is not None and hidden != sae.cfg.d_in:
-        raise SAEMismatchError(
-            f"SAE d_in={sae.cfg.d_in} does not match the model's hidden size {hidden}: this SAE "
-            "belongs to another model"
-        )
-    n_blocks = len(find_blocks(model))
-    if not 0 <= point.layer < n_blocks:
-        raise SAEMismatchError(f"the SAE reads layer {point.layer}, but the model has {n_blocks} blocks")
-    candidates = [point] + [HookPoint(layer, point.site) for layer in (point.layer - 1, point.layer + 1)
-                            if 0 <= layer < n_blocks]
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    scores: dict[HookPoint, float] = {}
-
-    def measure(p: HookPoint):
-        def hook(resid: torch.Tensor) -> None:
-            acts = resid[0, 1:].to(sae.W_enc.dtype)  # position 0 is an attention sink
-            acts = acts[sae.input_mask(acts)]
-            scores[p] = fvu(acts, sae(acts))
-        return hook
-
-    forward_through(model, {p: measure(p) for p in candidates}, input_ids=ids)
-    score = scores[point]
-    if not score <= max_fvu:
-        raise SAEMismatchError(
-            f"SAE self-test failed at {point.name}: fraction of variance unexplained {score:.3f} "
-            f"> limit {max_fvu}. The SAE probably belongs to another model, layer or hook site, "
-            "or expects a normalisation it is not getting. Check the layer and hook "
-            "(resid_post vs resid_pre), or raise max_fvu if this is intended."
-        )
-    better = min((p for p in candidates if p != point), key=lambda p: scores[p], default=None)
-    if better is not None and scores[better] < score:
-        raise SAEMismatchError(
-            f"SAE self-test failed: it reconstructs {better.name} (FVU {scores[better]:.3f}) better "
-            f"than {point.name}, where it is attached (FVU {score:.3f}); it was probably trained "
-            f"on layer {better.layer}. Attach it there, or fix hook_layer in its cfg.json."
-        )
-    return score

@@ -1,33 +1,51 @@
-"""YAML parsing that remembers where every value came from, and pydantic errors mapped back to it.
+"""YAML documents read safely, remembering where every value came from.
 
-Catalogs and policies are written by people, so an error must point at the offending line:
+The one loader for every YAML file people write for sae-monitor: policies
+(:mod:`monitor.policy.loader`), policy test cases (:mod:`monitor.policy.cases`) and feature
+catalogs (:mod:`monitor.catalog`). :func:`load_document` reads one file and returns a
+:class:`YamlSource`, or raises :class:`YamlDocumentError` whose ``message`` names the file (and
+``line:column`` where there is one): a missing file, a broken symbolic link, a symlink loop, a
+directory or FIFO where a file should be, unreadable bytes, a file over the size limit of its kind,
+YAML syntax, an empty document, a document that is not a mapping.
+
+Hostile input is refused before it can cost memory or stack: nesting deeper than
+:data:`MAX_DEPTH` mappings/lists (a 3,000-level ``not:`` chain would otherwise raise
+``RecursionError``) and aliases that add more than :data:`MAX_ALIAS_NODES` values when expanded
+(a few hundred bytes of "billion laughs" would otherwise grow to gigabytes), each at the
+``file:line:column`` where the limit was crossed.
+
+Errors must point at the offending line:
 ``policies/pii.yaml:14:9: rules[2] (id: pii.email).when.above: Input should be a valid number``.
 PyYAML's plain ``safe_load`` forgets positions, so :func:`parse_yaml` composes the node graph
-(``yaml.compose`` keeps ``start_mark`` on every node), builds the plain Python data from it and
-an index from data paths (``("rules", 2, "when", "above")``) to line/column.
-:func:`validation_messages` turns a pydantic ``ValidationError`` raised on that data into one
-message per problem, each prefixed with ``file:line:column``, with did-you-mean suggestions for
-unknown keys and enum values.
-
-Duplicate mapping keys, which YAML silently resolves to the last one, are reported as errors:
-a policy whose ``above:`` appears twice must not lose one of them quietly.
+(``start_mark`` on every node), builds the plain Python data from it and an index from data paths
+(``("rules", 2, "when", "above")``) to line/column, and records mapping keys written twice (YAML
+keeps only the last; a policy whose ``above:`` appears twice must not lose one quietly).
+:mod:`monitor.yaml_messages` turns pydantic errors on that data into located messages.
+Models read from YAML derive from :class:`NumbersNotBooleans`, which refuses a boolean where a
+number belongs (pydantic would read ``latent: true`` as latent 1).
 """
 
 from __future__ import annotations
 
-import difflib
-import re
-import types
+import errno
+import os
+import stat
 import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationInfo, field_validator
+
+from monitor.errors import MonitorError
 
 Loc = tuple[str | int, ...]
+
+MAX_DEPTH = 64
+"""Deepest nesting of mappings and lists accepted in one document (aliases included)."""
+MAX_ALIAS_NODES = 10_000
+"""Most values that ``*alias`` references may add to a document when expanded."""
 
 
 @dataclass(frozen=True)
@@ -38,12 +56,45 @@ class Position:
     column: int
 
 
-class YamlSyntaxError(Exception):
-    """The text is not valid YAML; ``message`` already names ``file:line:column``."""
+@dataclass(frozen=True)
+class SourceRef:
+    """Where something was defined: ``path:line:column`` (1-based)."""
+
+    path: str
+    line: int
+    column: int
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}:{self.column}"
+
+
+class YamlDocumentError(MonitorError):
+    """A YAML file cannot be used; ``message`` names the file and, where known, line:column.
+
+    Callers turn it into their own error type (``PolicyError``, ``CatalogError``).
+    """
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class YamlSyntaxError(YamlDocumentError):
+    """The text is not valid YAML, or nests or expands beyond the limits."""
+
+
+@dataclass(frozen=True)
+class DocumentKind:
+    """What a file is, for messages, and how large it may be.
+
+    ``what`` names it ("policy file"); ``needs`` ends "the file is empty; a policy file needs
+    ..."; ``keys`` ends "must be a mapping with keys ...".
+    """
+
+    what: str
+    needs: str
+    keys: str
+    max_bytes: int
 
 
 @dataclass
@@ -76,6 +127,173 @@ class YamlSource:
         return f"{self.path}:{pos.line}:{pos.column}"
 
 
+# -------------------------------------------------------------------------------- reading
+
+
+def read_text(path: str | Path, kind: DocumentKind) -> str:
+    """The UTF-8 text of the regular file at ``path``, at most ``kind.max_bytes`` long.
+
+    Raises :class:`YamlDocumentError` naming what is wrong: no such file, a broken symbolic link
+    or a symlink loop (named as such, so a directory scan never drops them silently), a
+    directory or other non-regular file, a file over the size limit, unreadable or non-UTF-8.
+    """
+    path = Path(path)
+    what = kind.what
+    try:
+        info = path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise YamlDocumentError(f"{path}: symbolic link loop (the link leads back to itself); "
+                                    f"fix or remove the link") from None
+        if isinstance(exc, FileNotFoundError) and path.is_symlink():
+            raise YamlDocumentError(f"{path}: broken symbolic link to '{os.readlink(path)}' (the "
+                                    f"target does not exist); fix or remove the link") from None
+        if isinstance(exc, FileNotFoundError):
+            raise YamlDocumentError(f"{path}: cannot read {what}: no such file") from None
+        raise YamlDocumentError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise YamlDocumentError(f"{path}: is a directory, not a {what}")
+    if not stat.S_ISREG(info.st_mode):
+        raise YamlDocumentError(f"{path}: not a regular file (a FIFO, socket or device); a {what} "
+                                f"must be a regular file")
+    if info.st_size > kind.max_bytes:
+        raise YamlDocumentError(_too_big(path, info.st_size, kind))
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(kind.max_bytes + 1)
+    except OSError as exc:
+        raise YamlDocumentError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    if len(raw) > kind.max_bytes:  # grew since stat, or a file whose size stat does not know
+        raise YamlDocumentError(_too_big(path, len(raw), kind, at_least=True))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise YamlDocumentError(f"{path}: cannot read {what}: not UTF-8 text ({exc.reason} at "
+                                f"byte {exc.start}); save it as UTF-8") from None
+
+
+def _too_big(path: Path, size: int, kind: DocumentKind, *, at_least: bool = False) -> str:
+    more = "more than " if at_least else ""
+    return (f"{path}: {kind.what} is {more}{size:,} bytes, over the limit of {kind.max_bytes:,} "
+            f"bytes; split it into smaller files")
+
+
+def load_document(path: str | Path, kind: DocumentKind) -> YamlSource:
+    """Read and parse one YAML file that must hold a mapping (:func:`read_text`,
+    :func:`parse_yaml`).
+
+    Raises :class:`YamlDocumentError` for every problem before validation, including an empty
+    document and one whose top level is not a mapping. Duplicate keys are left for the caller to
+    report with its other problems (:func:`duplicate_key_messages`).
+    """
+    text = read_text(path, kind)
+    src = parse_yaml(text, path)
+    if src.data is None:
+        raise YamlDocumentError(f"{path}:1:1: the file is empty; a {kind.what} needs {kind.needs}")
+    if not isinstance(src.data, dict):
+        raise YamlDocumentError(f"{src.where(())}: a {kind.what} must be a mapping with keys "
+                                f"{kind.keys}, not a {type(src.data).__name__}")
+    return src
+
+
+# -------------------------------------------------------------------------------- parsing
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """A SafeLoader whose composer refuses deep nesting, runaway aliases and recursive aliases.
+
+    Expanded sizes are counted on the node graph (each node once, memoised), so a bomb is
+    detected from its few hundred physical nodes without ever being expanded.
+    """
+
+    def __init__(self, text: str, name: str, max_depth: int, max_alias_nodes: int) -> None:
+        super().__init__(text)
+        self._name = name
+        self._max_depth = max_depth
+        self._max_alias = max_alias_nodes
+        self._depth = 0
+        self._added = 0
+        self._size: dict[int, int] = {}  # id(node) -> values in its expansion
+        self._height: dict[int, int] = {}  # id(node) -> nesting levels in its expansion
+
+    def _refuse(self, mark: yaml.Mark, text: str) -> YamlSyntaxError:
+        return YamlSyntaxError(f"{self._name}:{mark.line + 1}:{mark.column + 1}: {text}")
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            target = self.anchors.get(event.anchor)
+            if target is not None:
+                self._alias(event, target)
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        collection = isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))
+        if collection:
+            self._depth += 1
+            if self._depth > self._max_depth:
+                raise self._refuse(event.start_mark, self._too_deep())
+        node = super().compose_node(parent, index)
+        if collection:
+            self._depth -= 1
+        kids: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            kids = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            kids = [n for pair in node.value for n in pair]
+        self._size[id(node)] = 1 + sum(self._size[id(k)] for k in kids)
+        self._height[id(node)] = (1 + max((self._height[id(k)] for k in kids), default=0)
+                                  if collection else 0)
+        return node  # type: ignore[no-any-return]
+
+    def _alias(self, event: yaml.AliasEvent, target: yaml.Node) -> None:
+        size = self._size.get(id(target))
+        if size is None:  # the anchored collection is still open: the alias is inside it
+            raise self._refuse(event.start_mark, f"alias '*{event.anchor}' refers to a "
+                               "collection that contains it; recursive structures are refused")
+        self._added += size
+        if self._added > self._max_alias:
+            raise self._refuse(event.start_mark, (
+                f"aliases ('*name' references) would add more than {self._max_alias:,} values "
+                f"to this document, the limit; a document that grows like this from aliases is "
+                f"refused (an alias bomb): write the values out or use fewer aliases"))
+        if self._depth + self._height[id(target)] > self._max_depth:
+            raise self._refuse(event.start_mark, self._too_deep())
+
+    def _too_deep(self) -> str:
+        return (f"nested more than {self._max_depth} levels of mappings and lists deep "
+                f"(limit {self._max_depth}); flatten the structure, e.g. list conditions under "
+                f"one 'any' or 'all' instead of nesting them")
+
+
+def parse_yaml(text: str, path: str | Path, *, max_depth: int = MAX_DEPTH,
+               max_alias_nodes: int = MAX_ALIAS_NODES) -> YamlSource:
+    """Parse one YAML document, keeping positions. Raises :class:`YamlSyntaxError`.
+
+    Nesting deeper than ``max_depth`` and aliases adding more than ``max_alias_nodes`` values are
+    refused at the line where the limit is crossed. An empty document yields ``data=None``; the
+    caller decides whether that is an error.
+    """
+    name = str(path)
+    loader = _LimitedLoader(text, name, max_depth, max_alias_nodes)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return YamlSource(name, None)
+        # Construction flattens merge keys (<<) in place, so index the node afterwards.
+        data = yaml.constructor.SafeConstructor().construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise YamlSyntaxError(f"{where}: YAML syntax error: {problem}") from None
+    except yaml.YAMLError as exc:  # pragma: no cover - non-marked errors are rare
+        raise YamlSyntaxError(f"{name}: YAML error: {exc}") from None
+    finally:
+        loader.dispose()
+    src = YamlSource(name, data)
+    _index(node, (), src)
+    return src
+
+
 def _pos(node: yaml.Node) -> Position:
     return Position(node.start_mark.line + 1, node.start_mark.column + 1)
 
@@ -97,230 +315,26 @@ def _index(node: yaml.Node, path: Loc, src: YamlSource) -> None:
             _index(item, (*path, i), src)
 
 
-def parse_yaml(text: str, path: str | Path) -> YamlSource:
-    """Parse one YAML document, keeping positions. Raises :class:`YamlSyntaxError`.
+def _is_number(annotation: Any) -> bool:
+    kinds = typing.get_args(annotation) or (annotation,)
+    return any(k in (int, float) for k in kinds)
 
-    An empty document yields ``data=None``; the caller decides whether that is an error.
+
+class NumbersNotBooleans(BaseModel):
+    """Base for models read from YAML: a boolean in a number field is an error.
+
+    Pydantic's lax mode reads ``true`` as 1 (and 1.0); YAML reads yes/no/on/off/true/false as
+    booleans, so ``latent: true`` would silently mean latent 1. Fields typed ``bool`` are
+    unaffected.
     """
-    name = str(path)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is None:
-            return YamlSource(name, None)
-        # Construction flattens merge keys (<<) in place, so index the node afterwards.
-        data = yaml.constructor.SafeConstructor().construct_document(node)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise YamlSyntaxError(f"{where}: YAML syntax error: {problem}") from None
-    except yaml.YAMLError as exc:  # pragma: no cover - non-marked errors are rare
-        raise YamlSyntaxError(f"{name}: YAML error: {exc}") from None
-    src = YamlSource(name, data)
-    _index(node, (), src)
-    return src
 
-
-# --------------------------------------------------------------------------------------------
-# pydantic errors -> located messages
-
-
-def suggest(word: str, choices: Sequence[str], n: int = 1) -> list[str]:
-    """Close matches of ``word`` among ``choices`` (difflib, cutoff 0.6)."""
-    return difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
-
-
-def did_you_mean(word: str, choices: Sequence[str]) -> str:
-    """``"; did you mean 'x'?"`` or the empty string."""
-    close = suggest(word, choices)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _unwrap(tp: Any) -> Any:
-    while typing.get_origin(tp) is typing.Annotated:
-        tp = typing.get_args(tp)[0]
-    return tp
-
-
-def _tags(tp: Any) -> dict[str, Any]:
-    """For a tagged union member list, ``{tag: member}``."""
-    out: dict[str, Any] = {}
-    for member in typing.get_args(tp):
-        if typing.get_origin(member) is typing.Annotated:
-            for meta in typing.get_args(member)[1:]:
-                tag = getattr(meta, "tag", None)
-                if isinstance(tag, str):
-                    out[tag] = typing.get_args(member)[0]
-    return out
-
-
-def _field_by_key(model: type[BaseModel], key: str) -> Any:
-    for name, info in model.model_fields.items():
-        if key in (name, info.alias):
-            return info.annotation
-    return None
-
-
-def _step(tp: Any, part: str | int) -> Any:
-    """The type found at ``part`` inside a value of type ``tp`` (None if unknown)."""
-    tp = _unwrap(tp)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        tags = _tags(tp)
-        if isinstance(part, str) and part in tags:
-            return tags[part]  # a discriminator tag: the loc names the union member
-        members = [m for m in typing.get_args(tp) if m is not type(None)]
-        for m in members:
-            found = _step(m, part)
-            if found is not None:
-                return found
-        return None
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return _field_by_key(tp, part) if isinstance(part, str) else None
-    if origin in (list, tuple, Sequence) and isinstance(part, int):
-        return typing.get_args(tp)[0]
-    if origin is dict:
-        return typing.get_args(tp)[1]
-    return None
-
-
-def _model_at(root: type[BaseModel], loc: Loc) -> type[BaseModel] | None:
-    tp: Any = root
-    for part in loc:
-        tp = _step(tp, part)
-        if tp is None:
-            return None
-    tp = _unwrap(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        models = [m for m in typing.get_args(tp) if isinstance(_unwrap(m), type)
-                  and issubclass(_unwrap(m), BaseModel)]
-        tp = _unwrap(models[0]) if len(models) == 1 else None
-    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
-
-
-def valid_keys(model: type[BaseModel]) -> list[str]:
-    """The keys a YAML mapping for ``model`` may use (aliases where set)."""
-    return [info.alias or name for name, info in model.model_fields.items()]
-
-
-def data_path(data: Any, loc: Loc) -> Loc:
-    """The part of a pydantic ``loc`` that exists in ``data``; union tags are dropped.
-
-    Pydantic inserts the tag of a discriminated-union member into ``loc``
-    (``("rules", 0, "when", "leaf", "above")``); this keeps only the steps that walk the data,
-    so it can be looked up in a :class:`YamlSource` (a missing key maps to its parent).
-    """
-    out: list[str | int] = []
-    cur = data
-    for i, part in enumerate(loc):
-        if isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-            out.append(part)
-        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
-            cur = cur[part]
-            out.append(part)
-    return tuple(out)
-
-
-def render_path(data: Any, path: Loc) -> str:
-    """``rules[2] (id: pii.email).when.any[0].feature``: the path as a reader would write it."""
-    text = ""
-    cur = data
-    for part in path:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else str(part)
-        cur = cur[part] if isinstance(cur, (dict, list)) and _has(cur, part) else None
-        if isinstance(part, int) and isinstance(cur, dict):
-            ident = cur.get("id", cur.get("name"))
-            if isinstance(ident, str):
-                text += f" (id: {ident})" if "id" in cur else f" (name: {ident})"
-    return text or "<top level>"
-
-
-def _has(cur: dict | list, part: str | int) -> bool:
-    if isinstance(cur, dict):
-        return part in cur
-    return isinstance(part, int) and 0 <= part < len(cur)
-
-
-_QUOTED = re.compile(r"'([^']*)'")
-
-
-def _message(err: Any, root: type[BaseModel], src: YamlSource) -> tuple[Loc, str, bool]:
-    """(data path, text, point-at-key) for one pydantic error dict."""
-    loc: Loc = tuple(err["loc"])
-    kind = err["type"]
-    path = data_path(src.data, loc)
-    inp = err.get("input")
-    ctx = err.get("ctx") or {}
-    if kind == "extra_forbidden":
-        key = str(loc[-1])
-        model = _model_at(root, loc[:-1])
-        keys = valid_keys(model) if model else []
-        hint = did_you_mean(key, keys)
-        allowed = f" (valid keys: {', '.join(keys)})" if keys else ""
-        return path, f"unknown key '{key}'{hint}{allowed}", True
-    if kind == "missing":
-        return path, f"missing required key '{loc[-1]}'", False
-    if kind == "too_short" and isinstance(inp, (list, tuple)):
-        return path, (f"needs at least {ctx.get('min_length', 1)} item(s), got "
-                      f"{ctx.get('actual_length', len(inp))}"), False
-    if kind == "literal_error" and isinstance(inp, str):
-        choices = _QUOTED.findall(str(ctx.get("expected", "")))
-        hint = did_you_mean(inp, choices)
-        return path, f"'{inp}' is not one of {', '.join(choices)}{hint}", False
-    text = str(err["msg"])
-    for prefix in ("Value error, ", "Assertion failed, "):
-        if text.startswith(prefix):
-            text = text[len(prefix):]
-    if kind not in ("value_error", "assertion_error") and kind != "union_tag_not_found" \
-            and not isinstance(inp, (dict, list)) and "input" in err:
-        text += f" (got {inp!r})"
-    if kind == "string_type" and isinstance(inp, bool):
-        text += "; YAML reads yes/no/on/off/true/false as booleans, put the text in quotes"
-    return path, text, False
-
-
-def validation_messages(exc: ValidationError, root: type[BaseModel], src: YamlSource) -> list[str]:
-    """One ``file:line:column: path: problem`` message per error in ``exc``, in file order."""
-    rows: list[tuple[Position, str]] = []
-    seen: set[str] = set()
-    errs = exc.errors(include_url=False)
-    # A list whose items failed is also reported "too short after validation": noise.
-    errs = [e for e in errs if e["type"] != "too_short" or not any(
-        len(o["loc"]) > len(e["loc"]) and tuple(o["loc"][:len(e["loc"])]) == tuple(e["loc"])
-        for o in errs)]
-    for err in errs:
-        path, text, at_key = _message(err, root, src)
-        pos = (src.keys.get(path) if at_key else None) or src.position(path)
-        msg = f"{src.path}:{pos.line}:{pos.column}: {render_path(src.data, path)}: {text}"
-        if msg not in seen:
-            seen.add(msg)
-            rows.append((pos, msg))
-    rows.sort(key=lambda r: (r[0].line, r[0].column))
-    return [m for _, m in rows]
-
-
-def duplicate_key_messages(src: YamlSource) -> list[str]:
-    """Errors for keys written twice in one mapping (YAML would keep only the last)."""
-    return [f"{src.path}:{pos.line}:{pos.column}: {render_path(src.data, path[:-1])}: "
-            f"key '{path[-1]}' appears more than once in this mapping; keep only one"
-            for path, pos in src.duplicate_keys]
-
-
-_WHERE = re.compile(r":(\d+):(\d+): ")
-
-
-def sort_messages(messages: Sequence[str]) -> list[str]:
-    """Located messages ordered by line and column (stable for ties and unlocated ones)."""
-    def key(msg: str) -> tuple[int, int]:
-        m = _WHERE.search(msg)
-        return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-    return sorted(messages, key=key)
-
-
-def located(src: YamlSource, loc: Loc, text: str, *, key: bool = False) -> str:
-    """``file:line:column: path: text`` for a problem found after validation."""
-    return f"{src.where(loc, key=key)}: {render_path(src.data, loc)}: {text}"
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            field_info = cls.model_fields.get(info.field_name)
+            if field_info is not None and _is_number(field_info.annotation):
+                raise ValueError(f"got {str(value).lower()}, a boolean, where a number belongs "
+                                 "(YAML reads true/false/yes/no/on/off as booleans); write the "
+                                 "number")
+        return value

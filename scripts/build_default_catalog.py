@@ -52,7 +52,7 @@ def items(tokenizer):
         # every row of the CWEs that have catalog sub-concepts, so those subsets are not tiny
         chosen += [r for r in rows if r.get("cwe") in FOCUS_CWES and r["id"] not in ids]
         out += [(name, labeled_item(r, tokenizer)) for r in chosen]
-    for r in read_jsonl(ROOT / "policies" / "devsets" / "backdoor_prose.jsonl"):
+    for r in read_jsonl(ROOT / "datasets" / "devsets" / "backdoor_prose.jsonl"):
         out.append(("backdoor_prose", labeled_item(r, tokenizer)))
     return out
 

@@ -24,7 +24,7 @@ SHARED = ROOT.parent / "shared" / "data"
 OUT = ROOT / "monitor" / "saes" / "default" / "catalog.probes.safetensors"
 PLAN = {  # name: (fit file, test file)
     "unsafe_code": ("unsafe_code/sven_pairs.jsonl", "unsafe_code/juliet_c_pairs.jsonl"),
-    "backdoor": ("backdoor/juliet_c_pairs.jsonl", ROOT / "policies/devsets/backdoor_prose.jsonl"),
+    "backdoor": ("backdoor/juliet_c_pairs.jsonl", ROOT / "datasets/devsets/backdoor_prose.jsonl"),
     "sycophancy": ("sycophancy/truthfulqa_constructed_pairs.jsonl", "sycophancy/anthropic_political_pairs.jsonl"),
 }
 N = 240

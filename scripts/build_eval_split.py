@@ -22,7 +22,7 @@ def sample(path: Path, n: int, seed: int = 11) -> list[dict]:
 
 def main() -> None:
     evaluation = (sample(SHARED / "unsafe_code/juliet_c_pairs.jsonl", 150)
-                  + sample(ROOT / "policies/devsets/backdoor_prose.jsonl", 48)
+                  + sample(ROOT / "datasets/devsets/backdoor_prose.jsonl", 48)
                   + sample(SHARED / "sycophancy/anthropic_political_pairs.jsonl", 150))
     training = (sample(SHARED / "unsafe_code/sven_pairs.jsonl", 150)
                 + sample(SHARED / "backdoor/juliet_c_pairs.jsonl", 150)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import builders
+from monitor import testing as builders
 
 
 @pytest.fixture(autouse=True)

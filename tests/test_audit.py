@@ -15,7 +15,7 @@ import torch
 
 from monitor.audit import AuditTrail, decisions
 from monitor.policy import Hit, SteerDirective
-from monitor.wrapper import BlockInfo, Report
+from monitor.report import BlockInfo, Report
 from tests.test_serve import LONG, LONG_PROMPT_BLOCK, SHORT, STEER_FIRST, make_monitor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,16 +60,15 @@ def test_line_survives_sigkill_right_after_the_callback(tmp_path):
     """A real monitored request is blocked; the next callback SIGKILLs the process at once."""
     path = tmp_path / "audit.jsonl"
     script = textwrap.dedent(f"""
-        import os, signal, sys
-        from pathlib import Path
+        import os, signal
         import torch
-        sys.path.insert(0, {str(ROOT)!r})
         from monitor.audit import AuditTrail
-        from tests.test_serve import LONG, LONG_PROMPT_BLOCK, make_monitor
+        from monitor.testing import rule_yaml, tiny_monitor
         trail = AuditTrail({str(path)!r})
         kill = lambda report: os.kill(os.getpid(), signal.SIGKILL)
-        monitor = make_monitor(Path({str(tmp_path)!r}), LONG_PROMPT_BLOCK, callbacks=[trail, kill])
-        ids = torch.tensor([monitor.tokenizer(LONG)["input_ids"]])
+        rules = rule_yaml(rule_id="long_prompt.block", above=-1.0, scope="prompt")
+        monitor = tiny_monitor(rules=rules, callbacks=[trail, kill])
+        ids = torch.tensor([monitor.tokenizer("a prompt long enough to monitor")["input_ids"]])
         monitor.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=monitor.tokenizer.pad_token_id)
         print("not killed")
     """)

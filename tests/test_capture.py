@@ -5,7 +5,7 @@ import torch
 
 from monitor.capture import BLOCK_PATHS, HookPoint, capture, find_blocks, residual_hook
 from monitor.errors import MonitorError, UnsupportedModelError
-from tests.builders import tiny_model
+from monitor.testing import tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "gemma2", "gpt2", "gpt_neox", "phi3"]
 

@@ -7,7 +7,8 @@ import torch
 
 from monitor.capture import HookPoint, capture
 from monitor.errors import SAEMismatchError
-from monitor.sae import SHIPPED_DIR, check_fit, fvu, load_sae
+from monitor.runtime.fit import check_fit
+from monitor.sae import SHIPPED_DIR, fvu, load_sae
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ from monitor.discover import (DiscoveryResult, LabeledText, discover, labeled_it
                               max_activations, merge_into_catalog, score_latents, to_catalog_entries,
                               transfer)
 from monitor.errors import CatalogError, DataError
-from tests.builders import random_sae, tiny_model, tiny_tokenizer
+from monitor.testing import random_sae, tiny_model, tiny_tokenizer
 
 # The planted SAE reads the embeddings (block 0's input), where each token's residual is its own
 # embedding row. Latent 3 fires only on the token "Z" (value 5), latent 5 only on "Q", latent 7

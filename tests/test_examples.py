@@ -1,4 +1,5 @@
-"""Each example program runs, on the real default model, and does what it says."""
+"""Each example program (and the dashboard preview tool) runs, on the real default model, and
+does what it says."""
 
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.e2e
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+TOOLS = ROOT / "tools"
 
 
-def run(name: str, *args: str) -> str:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
+def run(name: str, *args: str, where: Path = EXAMPLES) -> str:
+    # the checkout under test, even where the installed package is another copy
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, str(where / name), *args], capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -50,7 +55,7 @@ def test_steering_example_measures_both_conditions():
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus")
 def test_dashboard_preview_demo_draws_every_panel_it_can(tmp_path):
     out = run("dashboard_preview.py", "--demo", "--rounds", "1", "--max-tokens", "8",
-              "--out", str(tmp_path / "preview.html"))
+              "--out", str(tmp_path / "preview.html"), where=TOOLS)
     drawn, total = map(int, re.search(r"(\d+) of (\d+) panels have data", out).groups())
     # Only the steering panel may be empty: the shipped policies enforce no steer rule.
     assert total == 12 and drawn >= 11, out

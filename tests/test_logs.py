@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from monitor.logs import HashText, ReportLogger, configure_json_logging, text_digest
 from monitor.policy import Hit, ReloadResult, SteerDirective
-from monitor.wrapper import BlockInfo, Report
+from monitor.report import BlockInfo, Report
 from tests.test_serve import (
     CANARY,
     EVERYWHERE_SHADOW,

@@ -13,9 +13,10 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor import __version__
-from monitor.metrics import OUTCOMES, MonitorMetrics, is_catalog_feature, sae_identity
+from monitor.metrics import MonitorMetrics, is_catalog_feature, sae_identity
+from monitor.report import OUTCOMES
 from monitor.policy import Hit, ReloadResult, SteerDirective
-from monitor.wrapper import BlockInfo, Report
+from monitor.report import BlockInfo, Report
 from tests.test_serve import (
     CANARY,
     CATALOG,

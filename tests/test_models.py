@@ -8,7 +8,7 @@ import torch
 from monitor import models
 from monitor.capture import HookPoint, capture
 from monitor.errors import ModelLoadError
-from tests.builders import tiny_model, tiny_tokenizer
+from monitor.testing import tiny_model, tiny_tokenizer
 
 
 def test_missing_default_package_names_install_command(monkeypatch):

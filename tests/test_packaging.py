@@ -19,7 +19,7 @@ import json
 from monitor.catalog import load_catalog
 from monitor.policy import compile_policies, load_policies
 from monitor.sae import load_sae
-from monitor.wrapper import SHIPPED_CATALOG, shipped_policies_dir
+from monitor.shipped import SHIPPED_CATALOG, shipped_policies_dir
 
 sae = load_sae("default")
 catalog = load_catalog(SHIPPED_CATALOG, d_sae=sae.cfg.d_sae)
@@ -45,7 +45,15 @@ def test_the_wheel_ships_the_sae_catalog_and_policies(tmp_path):
                     "monitor/default_policies/unsafe_code.yaml", "monitor/default_policies/schema.json",
                     "monitor/py.typed"):
         assert shipped in names
-    assert not any(n.startswith(("tests/", "policies/", "scripts/")) for n in names)
+    assert not any(n.startswith(("tests/", "policies/", "scripts/", "datasets/")) for n in names)
+    # discovery data is not policy: nothing but policies, their tests and the schema ships there
+    assert not any("devsets" in n for n in names)
+    # every subpackage of the source tree is in the wheel (pyproject lists them one by one)
+    subpackages = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "monitor").rglob("__init__.py")}
+    assert {f"{package}/__init__.py" for package in subpackages} <= names
+    (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")
+                       or n.endswith(".dist-info/LICENSE")]
+    assert "Apache License" in zipfile.ZipFile(wheel).read(license_file).decode()
 
     site = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),

@@ -12,7 +12,7 @@ from monitor.discover import labeled_item
 from monitor.errors import CatalogError, DataError
 from monitor.probes import Probe, fit_logistic, fit_probe, probe_entry, probe_scores, save_probe
 from monitor.stats import auroc
-from tests.builders import tiny_model, tiny_tokenizer
+from monitor.testing import tiny_model, tiny_tokenizer
 from tests.test_discover import POINT, words
 
 
@@ -130,10 +130,10 @@ def test_fit_probe_on_a_model_separates_held_out_texts(model_and_tokenizer):
 
 def test_fit_probe_keeps_pairs_together_and_needs_both_labels(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    from monitor.probes import _split
+    from monitor.probes import holdout_split
 
     items = [labeled_item(r) for r in _rows(10)]
-    train, test = _split(items, 0.3, seed=3)
+    train, test = holdout_split(items, 0.3, seed=3)
     assert sorted(train + test) == list(range(20))
     pairs = lambda idx: {items[i].meta["pair_id"] for i in idx}  # noqa: E731
     assert not pairs(train) & pairs(test) and len(test) == 6

@@ -250,8 +250,8 @@ def test_dashboard_queries_and_alert_rules_are_valid_for_prometheus(live):
     assert all(r["health"] != "err" for g in rules for r in g["rules"])
 
 
-def _load_example(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), EXAMPLES / name)
+def _load_tool(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), EXAMPLES.parent / "tools" / name)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     sys.modules[spec.name] = module  # type: ignore[union-attr]  (dataclasses look the module up)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
@@ -259,7 +259,7 @@ def _load_example(name: str) -> ModuleType:
 
 
 def test_dashboard_preview_draws_the_live_data(live, tmp_path):
-    preview = _load_example("dashboard_preview.py")
+    preview = _load_tool("dashboard_preview.py")
     dashboard = json.loads((EXAMPLES / "grafana-dashboard.json").read_text())
     panels = {p.title: p for p in preview.collect(live.prometheus.url, dashboard, range_s=120, step_s=1)}
     assert not [p.errors for p in panels.values() if p.errors]

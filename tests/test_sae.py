@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from monitor.capture import HookPoint
 from monitor.errors import MonitorError, SAEFormatError, SAEMismatchError
-from monitor.sae import SAE, SAEConfig, check_fit, fvu, load_sae
-from tests.builders import random_sae, tiny_model
+from monitor.runtime.fit import check_fit
+from monitor.sae import SAE, SAEConfig, fvu, load_sae
+from monitor.testing import random_sae, tiny_model
 
 
 def hand_sae(architecture: str, **kw) -> SAE:
@@ -152,24 +155,207 @@ def test_unknown_architecture_lists_valid(tmp_path):
         SAE.load(tmp_path)
 
 
+def write_sparsify(directory, ref, **cfg):
+    """A sparsify-layout SAE (``cfg.json`` + ``sae.safetensors``) with ``ref``'s weights."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {"encoder.weight": ref.W_enc.T.contiguous(), "encoder.bias": ref.b_enc,
+               "W_dec": ref.W_dec, "b_dec": ref.b_dec, **cfg.pop("extra_tensors", {})}
+    save_file(tensors, str(directory / "sae.safetensors"))
+    (directory / "cfg.json").write_text(json.dumps({
+        "activation": "topk", "expansion_factor": 4, "normalize_decoder": True, "num_latents": 256,
+        "k": 4, "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": 64, **cfg}))
+    return directory
+
+
+def sparsify_reference(x, ref, k):
+    """sparsify's own encode: relu(linear(x - b_dec)), then the k largest."""
+    pre = torch.relu((x - ref.b_dec) @ ref.W_enc + ref.b_enc)
+    values, indices = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter_(-1, indices, values)
+
+
 def test_sparsify_layout(tmp_path):
     ref = random_sae("topk", k=4, apply_b_dec_to_input=True)
-    save_file({"encoder.weight": ref.W_enc.T.contiguous(), "encoder.bias": ref.b_enc,
-               "W_dec": ref.W_dec, "b_dec": ref.b_dec}, str(tmp_path / "sae.safetensors"))
-    (tmp_path / "cfg.json").write_text(json.dumps({"expansion_factor": 4, "normalize_decoder": True,
-                                                   "num_latents": 256, "k": 4, "d_in": 64}))
-    loaded = SAE.load(tmp_path)
+    loaded = SAE.load(write_sparsify(tmp_path / "layers.5", ref))
     x = torch.randn(5, 64)
-    torch.testing.assert_close(loaded.encode(x), ref.encode(x))
+    torch.testing.assert_close(loaded.encode(x), sparsify_reference(x, ref, 4))
+    assert loaded.hook_point == HookPoint(5)  # the block's output: resid_post
+    assert SAE.load(tmp_path / "layers.5", layer=7).hook_point == HookPoint(7)
+
+
+@pytest.mark.parametrize("cfg,reason", [
+    ({"activation": "groupmax"}, "groupmax"),
+    ({"skip_connection": True}, "W_skip"),
+    ({"extra_tensors": {"W_skip": torch.zeros(64, 64)}}, "W_skip"),
+    ({"transcode": True}, "transcoder"),
+])
+def test_sparsify_variants_that_are_not_topk_saes_are_refused(tmp_path, cfg, reason):
+    write_sparsify(tmp_path / "layers.5", random_sae("topk", k=4), **cfg)
+    with pytest.raises(SAEFormatError, match=f"cannot be read exactly.*{reason}"):
+        SAE.load(tmp_path / "layers.5")
+
+
+def test_sparsify_directory_without_layer_names_the_fix(tmp_path):
+    write_sparsify(tmp_path / "my_sae", random_sae("topk", k=4))
+    with pytest.raises(SAEFormatError, match=r"my_sae.*no layer number.*layer=12"):
+        SAE.load(tmp_path / "my_sae")
+    assert load_sae(tmp_path / "my_sae", layer=3).hook_point == HookPoint(3)
+    assert load_sae(tmp_path / "my_sae", hook="blocks.4.hook_resid_pre").hook_point == HookPoint(4, "resid_pre")
+
+
+def test_sparsify_submodule_hookpoint_is_refused(tmp_path):
+    write_sparsify(tmp_path / "layers.5.mlp", random_sae("topk", k=4))
+    with pytest.raises(SAEFormatError, match="reads the MLP.*only the residual stream"):
+        SAE.load(tmp_path / "layers.5.mlp")
+
+
+def write_gemmascope(path, ref):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{n: getattr(ref, n).detach().numpy() for n in
+                      ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")})
+    return path
 
 
 def test_gemmascope_npz(tmp_path):
     ref = random_sae("jumprelu")
-    np.savez(tmp_path / "params.npz", **{n: getattr(ref, n).detach().numpy() for n in
-                                         ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")})
-    loaded = SAE.load(tmp_path / "params.npz")
+    path = write_gemmascope(tmp_path / "layer_12" / "width_16k" / "average_l0_71" / "params.npz", ref)
+    loaded = SAE.load(path)
     x = torch.randn(5, 64)
-    torch.testing.assert_close(loaded.encode(x), ref.encode(x))
+    # Gemma Scope's JumpReLU: relu(pre) where pre > threshold, no b_dec subtracted
+    pre = x @ ref.W_enc + ref.b_enc
+    torch.testing.assert_close(loaded.encode(x), torch.relu(pre) * (pre > ref.threshold))
+    assert loaded.hook_point == HookPoint(12)
+    assert load_sae(path, layer=3).hook_point == HookPoint(3)
+    assert load_sae(path.parent).hook_point == HookPoint(12)  # the directory holding params.npz
+
+
+def test_gemmascope_without_layer_names_the_fix(tmp_path):
+    path = write_gemmascope(tmp_path / "params.npz", random_sae("jumprelu"))
+    with pytest.raises(SAEFormatError, match=r"params.npz.*layer=12"):
+        SAE.load(path)
+    assert load_sae(path, layer=5).hook_point == HookPoint(5)
+
+
+def test_gemmascope_mlp_and_attention_saes_are_refused(tmp_path):
+    for repo in ("gemma-scope-2b-pt-mlp", "models--google--gemma-scope-9b-pt-att"):
+        path = write_gemmascope(tmp_path / repo / "layer_3" / "width_16k" / "average_l0_9" / "params.npz",
+                                random_sae("jumprelu"))
+        with pytest.raises(SAEFormatError, match="not the residual stream"):
+            SAE.load(path)
+    res = write_gemmascope(tmp_path / "gemma-scope-2b-pt-res" / "layer_3" / "params.npz", random_sae("jumprelu"))
+    assert SAE.load(res).hook_point == HookPoint(3)
+
+
+# --------------------------------------------------------------------- SAELens compatibility
+def write_saelens(directory, ref, **cfg):
+    """A SAELens 6 ``cfg.json`` (hook in metadata) + ``sae_weights.safetensors`` from ``ref``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({n: getattr(ref, n).detach().contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")},
+              str(directory / "sae_weights.safetensors"))
+    metadata = {"model_name": "tiny", "hook_name": "blocks.1.hook_resid_post",
+                "sae_lens_version": "6.18.0", **cfg.pop("metadata", {})}
+    (directory / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": 64, "d_sae": 256,
+                                                    "dtype": "float32", "device": "cpu", "k": 8,
+                                                    "metadata": metadata, **cfg}))
+    return directory
+
+
+def saelens_topk_reference(x, ref, k, apply_b_dec_to_input=True):
+    """SAELens 6 TopKSAE with rescale_acts_by_decoder_norm=True, written out from its source
+    (sae_lens/saes/topk_sae.py: encode, decode, _act_times_W_dec)."""
+    sae_in = x - ref.b_dec * apply_b_dec_to_input
+    hidden_pre = (sae_in @ ref.W_enc + ref.b_enc) * ref.W_dec.norm(dim=-1)
+    values, indices = torch.topk(hidden_pre, k=k, dim=-1, sorted=False)
+    acts = torch.zeros_like(hidden_pre).scatter_(-1, indices, values.relu())
+    recon = (acts * (1 / ref.W_dec.norm(dim=-1))) @ ref.W_dec + ref.b_dec
+    return acts, recon
+
+
+def test_saelens_topk_rescaled_by_decoder_norm_encodes_as_saelens(tmp_path):
+    ref = random_sae("topk", k=8)
+    with torch.no_grad():  # decoder rows of very different norms: the topk choice depends on them
+        ref.W_dec.mul_(torch.linspace(0.05, 5.0, 256)[torch.randperm(256)][:, None])
+    loaded = SAE.load(write_saelens(tmp_path / "sae", ref, rescale_acts_by_decoder_norm=True))
+    x = torch.randn(50, 64) * 3
+    acts, recon = saelens_topk_reference(x, ref, 8)
+    torch.testing.assert_close(loaded.encode(x), acts, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), recon, rtol=1e-4, atol=1e-4)
+    # saved again (decoder norms folded), it still reads the same
+    again = SAE.load(loaded.save(tmp_path / "again"))
+    torch.testing.assert_close(again.encode(x), acts, rtol=1e-4, atol=1e-4)
+
+
+def test_saelens_6_defaults_apply_b_dec_to_input(tmp_path):
+    """SAELens's config defaults ``apply_b_dec_to_input`` to true; a file without the key
+    must read the same."""
+    ref = random_sae("topk", k=8)
+    loaded = SAE.load(write_saelens(tmp_path / "sae", ref))
+    x = torch.randn(20, 64)
+    pre = (x - ref.b_dec) @ ref.W_enc + ref.b_enc
+    values, indices = pre.topk(8, dim=-1)
+    torch.testing.assert_close(loaded.encode(x), torch.zeros_like(pre).scatter_(-1, indices, values.relu()))
+    assert loaded.hook_point == HookPoint(1)
+
+
+@pytest.mark.parametrize("hook,reason", [
+    ("blocks.3.hook_mlp_out", "the MLP"),
+    ("blocks.3.attn.hook_z", "attention"),
+    ("blocks.3.hook_attn_out", "attention"),
+    ("blocks.3.hook_resid_mid", r"the residual stream between attention and MLP \(resid_mid\)"),
+])
+def test_saelens_non_residual_hooks_are_refused(tmp_path, hook, reason):
+    write_saelens(tmp_path / "sae", random_sae("topk", k=8), metadata={"hook_name": hook})
+    with pytest.raises(SAEFormatError, match=f"cfg.json: hook '{re.escape(hook)}' reads {reason}"):
+        SAE.load(tmp_path / "sae")
+
+
+def test_load_sae_hook_and_layer_arguments(tmp_path):
+    write_saelens(tmp_path / "sae", random_sae("topk", k=8), metadata={"hook_name": ""})
+    with pytest.raises(SAEFormatError, match="layer=12"):
+        _ = load_sae(tmp_path / "sae").hook_point
+    assert load_sae(tmp_path / "sae", layer=2).hook_point == HookPoint(2)
+    assert load_sae(tmp_path / "sae", hook="blocks.2.hook_resid_pre").hook_point == HookPoint(2, "resid_pre")
+    assert load_sae(tmp_path / "sae", hook="resid_pre", layer=3).hook_point == HookPoint(3, "resid_pre")
+    with pytest.raises(SAEFormatError, match="names layer 2 but layer=3"):
+        load_sae(tmp_path / "sae", hook="blocks.2.hook_resid_post", layer=3)
+    with pytest.raises(SAEFormatError, match="reads the MLP"):
+        load_sae(tmp_path / "sae", hook="blocks.2.hook_mlp_out")
+
+
+# SAELens 6.x's loader (sae_lens/loading/pretrained_sae_loaders.py), written out: a config whose
+# sae_lens_version is missing or older than 6.0.0-rc.0 is rebuilt as a pre-6.0 config, and its
+# metadata becomes only these top-level keys; otherwise metadata is kept whole (SAEMetadata(**m)).
+SAELENS_LLM_METADATA_KEYS = {
+    "model_name", "hook_name", "model_class_name", "hook_head_index", "model_from_pretrained_kwargs",
+    "prepend_bos", "exclude_special_tokens", "neuronpedia_id", "context_size", "seqpos_slice",
+    "dataset_path", "sae_lens_version", "sae_lens_training_version", "hook_name_out",
+    "hook_head_index_out"}
+SAELENS_CONFIG_FIELDS = {"d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
+                         "normalize_activations", "reshape_activations"}
+
+
+def saelens_loaded_metadata(cfg: dict) -> dict:
+    from packaging.version import Version
+
+    version = cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version")
+    if not version or Version(version) < Version("6.0.0-rc.0"):
+        return {k: v for k, v in cfg.items() if k in SAELENS_LLM_METADATA_KEYS}
+    return dict(cfg["metadata"])
+
+
+@pytest.mark.parametrize("architecture", ["relu", "jumprelu", "batchtopk", "topk"])
+def test_saved_cfg_keeps_metadata_through_saelens(tmp_path, architecture):
+    sae = random_sae(architecture, hook_name="blocks.1.hook_resid_post",
+                     metadata={"max_input_norm": 123.5, "id": "tiny-sae"})
+    cfg = json.loads((sae.save(tmp_path) / "cfg.json").read_text())
+    metadata = saelens_loaded_metadata(cfg)
+    assert metadata["max_input_norm"] == 123.5 and metadata["id"] == "tiny-sae"
+    assert metadata["hook_name"] == "blocks.1.hook_resid_post"
+    assert SAELENS_CONFIG_FIELDS <= cfg.keys() and cfg["reshape_activations"] == "none"
+    assert cfg["architecture"] in ("standard", "jumprelu", "topk")
+    if architecture == "topk":
+        assert cfg["k"] == 8 and cfg["rescale_acts_by_decoder_norm"] is False
+    assert SAE.load(tmp_path).max_input_norm == 123.5
 
 
 def test_constant_norm_rescale_roundtrip():

@@ -22,8 +22,8 @@ import torch
 from monitor.catalog import Catalog, FeatureEntry
 from monitor.policy import PolicyStore
 from monitor.sae import SAE
-from monitor.wrapper import Monitor
-from tests.builders import tied_sae, tiny_model, tiny_tokenizer
+from monitor.runtime.hf import Monitor
+from monitor.testing import tied_sae, tiny_model, tiny_tokenizer
 
 LAYER = 2
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -60,6 +60,7 @@ STEER_FIRST = """
     description: Clamps latent 1 from the first response token on
     severity: medium
     scope: response
+    allow_always_true: true
     when: {latent: 1, above: -1.0}
     actions: [log, {steer: {latent: 1, clamp: 0.0, duration: rest_of_response}}]
 """
@@ -273,7 +274,7 @@ def test_generation_does_not_block_the_event_loop(tmp_path):
         client = OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
         result = {}
         caller = threading.Thread(target=lambda: result.setdefault("r", client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": SHORT}], max_tokens=4, temperature=0)))
+            model="sae-monitor", messages=[{"role": "user", "content": SHORT}], max_tokens=4, temperature=0)))
         caller.start()
         try:
             assert entered.wait(30), "the generation never reached the callback"
@@ -355,7 +356,8 @@ def test_create_app_refuses_a_tokenizer_without_chat_template(tmp_path):
 
 def test_serve_model_process_logs_audits_reloads_on_sighup_and_stops_on_sigterm(tmp_path):
     """What ``sae-monitor serve`` runs, as its own process: model, SAE, catalog and policies
-    from disk, JSON logs on stdout, an audit file, SIGHUP reloads, SIGTERM stops cleanly."""
+    from disk, JSON logs on stdout, an audit file, SIGHUP reloads (one sent while the model
+    loads is queued, not fatal), SIGTERM stops cleanly."""
     import subprocess
     import sys
 
@@ -379,8 +381,15 @@ def test_serve_model_process_logs_audits_reloads_on_sighup_and_stops_on_sigterm(
             f"self_test=False, log_level='info')\n")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
     url = f"http://127.0.0.1:{port}"
     try:
+        # SIGHUP while the model is still loading: queued, then run once the monitor exists
+        assert wait_for(lambda: any('"serve_loading"' in line for line in lines), timeout=120), \
+            "serve_model never logged serve_loading"
+        process.send_signal(signal.SIGHUP)
         def up() -> bool:
             assert process.poll() is None, process.communicate()[1]
             try:
@@ -389,29 +398,31 @@ def test_serve_model_process_logs_audits_reloads_on_sighup_and_stops_on_sigterm(
                 return False
 
         assert wait_for(up, timeout=120, interval=0.2)
-        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": CANARY + LONG[:60]}],
+        body = json.dumps({"model": "model", "messages": [{"role": "user", "content": CANARY + LONG[:60]}],
                            "max_tokens": 4}).encode()
         status, payload = http("POST", url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
         assert status == 200 and payload["choices"][0]["finish_reason"] == "content_filter"
         assert payload["model"] == "model"
         (policy_dir / "p.yaml").write_text(policies_yaml(LONG_PROMPT_BLOCK, EVERYWHERE_SHADOW))
         process.send_signal(signal.SIGHUP)
-        assert wait_for(lambda: 'sae_monitor_policy_reloads_total{result="success"} 1.0'
+        assert wait_for(lambda: 'sae_monitor_policy_reloads_total{result="success"} 2.0'
                         in http("GET", url + "/metrics")[1], timeout=30)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
-            stdout, stderr = process.communicate(timeout=30)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
-            stdout, stderr = process.communicate()
+            process.wait()
+        reader.join(10)
+        stdout, stderr = "".join(lines), process.stderr.read()
     # uvicorn shuts down gracefully, then re-raises the signal (exit status of SIGTERM).
     assert process.returncode in (0, -signal.SIGTERM), stderr
     assert "Application shutdown complete" in stderr
     events = [json.loads(line) for line in stdout.splitlines()]
     names = [e["event"] for e in events]
-    for name in ("serve_starting", "rule_hit", "request_blocked", "request_completed",
-                 "policy_reload_succeeded"):
+    for name in ("serve_loading", "policy_reload_signal_queued_run", "serve_starting", "rule_hit",
+                 "request_blocked", "request_completed", "policy_reload_succeeded"):
         assert name in names
     assert CANARY not in stdout
     (audit,) = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
@@ -426,20 +437,18 @@ def test_a_monitor_that_fails_closed_answers_503(tmp_path, monkeypatch):
 
     monitor = make_monitor(tmp_path, LONG_PROMPT_BLOCK, on_error="closed")
 
-    def broken(_policy):
-        def encode(_resid):
-            raise RuntimeError("SAE exploded")
-        return encode
+    def broken(self, _resid):
+        raise RuntimeError("SAE exploded")
 
-    monkeypatch.setattr(monitor, "_encoder_for", broken)
+    monkeypatch.setattr("monitor.runtime.encoder.FeatureEncoder.encode", broken)
     app = create_app(monitor)
     with ServerThread(app) as server:
         client = OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
         messages = [{"role": "user", "content": SHORT}]
         with pytest.raises(openai.InternalServerError) as err:
-            client.chat.completions.create(model="m", messages=messages, max_tokens=4)
+            client.chat.completions.create(model="sae-monitor", messages=messages, max_tokens=4)
         assert err.value.status_code == 503 and err.value.code == "monitor_unavailable"
         with pytest.raises(openai.APIError, match="unavailable"):
-            list(client.chat.completions.create(model="m", messages=messages, max_tokens=4, stream=True))
+            list(client.chat.completions.create(model="sae-monitor", messages=messages, max_tokens=4, stream=True))
     assert app.state.metrics.requests.labels(outcome="error")._value.get() == 2
     monitor.close()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from monitor.policy.cli import check_policies, run_policy_tests
-from monitor.wrapper import shipped_policies_dir
+from monitor.cli.policy import check_policies, run_policy_tests
+from monitor.shipped import shipped_policies_dir
 
 pytestmark = pytest.mark.e2e
 

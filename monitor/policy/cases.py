@@ -41,33 +41,36 @@ do not change when another team adds a policy. Every rule id in ``triggers``/``n
 must exist in those files (a misspelled id would make the expectation vacuous), and every problem
 in a test file is reported at its ``file:line:column``, like policy errors.
 
-:func:`load_case_files` finds and validates test files (no model needed); :func:`run_cases` runs
-cases on any :class:`~monitor.wrapper.Monitor` (a tiny one in tests) and returns one
-:class:`CaseResult` per case whose ``failures`` say, in words, which expectation failed and why:
-the peak activation of a rule's features when it did not fire, the hit count and strongest
-activation when it fired but must not.
+This module is the file format only: :func:`find_case_files` and :func:`load_case_files` find
+and validate test files (no model, no torch: ``policy check`` runs them in a pre-commit hook,
+read with the one YAML loader, :func:`monitor.yaml_source.load_document`). Running cases through
+a model is :mod:`monitor.runtime.policy_tests` (``run_cases``), next to the runtime it needs.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from monitor.catalog import Catalog
 from monitor.errors import PolicyError
-from monitor.policy.engine import compile_policies
+from monitor.policy.checks import binding_problems
 from monitor.policy.loader import (POLICY_SUFFIXES, TEST_SUFFIXES, PolicySet, SourceRef,
-                                   is_policy_file, load_policies, walk_conditions)
-from monitor.policy.schema import Leaf, Rule
-from monitor.yaml_source import (YamlSource, YamlSyntaxError, did_you_mean, duplicate_key_messages,
-                                 located, parse_yaml, sort_messages, validation_messages)
+                                   is_policy_file, list_entries, load_policies)
+from monitor.yaml_messages import (did_you_mean, duplicate_key_messages, located, sort_messages,
+                                   validation_messages)
+from monitor.yaml_source import DocumentKind, YamlDocumentError, YamlSource, load_document
 
 if TYPE_CHECKING:
-    from monitor.wrapper import Monitor, Report
+    from monitor.catalog import Catalog
+
+TEST_FILE = DocumentKind(what="test file", needs="'cases' (a list)",
+                         keys="'policy' (optional) and 'cases'", max_bytes=8 * 1024 * 1024)
+"""Test files hold example texts, so they may be larger than a policy file."""
 
 Outcome = Literal["allowed", "blocked", "steered"]
 Role = Literal["system", "user", "assistant", "tool"]
@@ -172,14 +175,6 @@ class Case:
     prompt: str | None = None
     response: str | None = None
 
-    def scan(self, monitor: Monitor) -> Report:
-        """Run this case's input through ``monitor.scan``."""
-        if self.messages is not None:
-            return monitor.scan([dict(m) for m in self.messages])
-        if self.text is not None:
-            return monitor.scan(self.text)
-        return monitor.scan(self.response or "", prompt=self.prompt)
-
 
 @dataclass(frozen=True)
 class CaseFile:
@@ -213,10 +208,11 @@ def _strip(name: str, suffixes: Sequence[str]) -> str:
 
 
 def _sibling(path: Path, own: Sequence[str], other: Sequence[str]) -> Path | None:
-    """The first existing file beside ``path`` named its stem (without an ``own`` suffix) plus
-    one of the ``other`` suffixes."""
+    """The first entry beside ``path`` named its stem (without an ``own`` suffix) plus one of the
+    ``other`` suffixes. A broken link of that name counts, so loading it reports the link."""
     stem = _strip(path.name, own)
-    return next((c for c in (path.with_name(stem + s) for s in other) if c.is_file()), None)
+    return next((c for c in (path.with_name(stem + s) for s in other) if os.path.lexists(c)),
+                None)
 
 
 def case_file_for(policy: Path) -> Path | None:
@@ -232,8 +228,10 @@ def default_policy_for(case_file: Path) -> Path | None:
 def find_case_files(paths: str | Path | Sequence[str | Path]) -> Discovery:
     """Test files named by ``paths``: given directly, beside a given policy, or in a directory.
 
-    Directories are not searched recursively (like the policy loader). A policy with no test
-    file is listed in ``untested``; a path that does not exist is an error.
+    Directories are not searched recursively (like the policy loader) and entries are chosen by
+    name, so a broken link called ``x.tests.yaml`` is found (and reported when loaded), never
+    skipped. A policy with no test file is listed in ``untested``; a path that does not exist is
+    an error.
     """
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
     found: list[Path] = []
@@ -242,8 +240,9 @@ def find_case_files(paths: str | Path | Sequence[str | Path]) -> Discovery:
     seen: set[Path] = set()
 
     def add(f: Path) -> None:
-        if f.resolve() not in seen:
-            seen.add(f.resolve())
+        key = Path(os.path.realpath(f))
+        if key not in seen:
+            seen.add(key)
             found.append(f)
 
     if not items:
@@ -251,14 +250,14 @@ def find_case_files(paths: str | Path | Sequence[str | Path]) -> Discovery:
     for item in items:
         p = Path(item)
         if p.is_dir():
-            entries = sorted(f for f in p.iterdir() if f.is_file())
-            tests = [f for f in entries if is_case_file(f)]
+            tests = list_entries(p, is_case_file)
+            policies = list_entries(p, is_policy_file)
             for f in tests:
                 add(f)
-            untested += [f for f in entries if is_policy_file(f) and case_file_for(f) is None]
-            if not tests and not any(is_policy_file(f) for f in entries):
+            untested += [f for f in policies if case_file_for(f) is None]
+            if not tests and not policies:
                 errors.append(f"{p}: directory holds no policy or test files")
-        elif p.is_file() and is_case_file(p):
+        elif os.path.lexists(p) and is_case_file(p):
             add(p)
         elif p.is_file():
             tests_file = case_file_for(p)
@@ -278,8 +277,9 @@ def load_case_file(path: str | Path, catalog: Catalog | None = None, *,
                    d_sae: int | None = None) -> CaseFile:
     """Load and validate one test file and the policy files it tests.
 
-    With ``d_sae`` the policies are also compiled (feature names resolved against ``catalog``),
-    so everything that could fail before a model is loaded fails here. Raises
+    With ``d_sae`` the policies are also bound (feature names resolved against ``catalog``: every
+    check of :func:`~monitor.policy.checks.binding_problems`), so everything that could fail
+    before a model is loaded fails here. Raises
     :class:`PolicyError` listing every problem, each at ``file:line:column``.
     """
     errors, loaded = _load_case_file(Path(path), catalog, d_sae)
@@ -310,18 +310,9 @@ def _headline(errors: Sequence[str]) -> str:
 def _load_case_file(path: Path, catalog: Catalog | None, d_sae: int | None
                     ) -> tuple[list[str], CaseFile | None]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return [f"{path}: cannot read test file: {exc}"], None
-    try:
-        src = parse_yaml(text, path)
-    except YamlSyntaxError as exc:
+        src = load_document(path, TEST_FILE)
+    except YamlDocumentError as exc:
         return [exc.message], None
-    if src.data is None:
-        return [f"{path}:1:1: the file is empty; a test file needs 'cases' (a list)"], None
-    if not isinstance(src.data, dict):
-        return [f"{src.where(())}: a test file must be a mapping with keys 'policy' (optional) "
-                f"and 'cases', not a {type(src.data).__name__}"], None
     errors = duplicate_key_messages(src)
     spec: CaseFileSpec | None = None
     try:
@@ -340,11 +331,12 @@ def _load_case_file(path: Path, catalog: Catalog | None, d_sae: int | None
     if policies and not policy_errors:
         try:
             policy_set = load_policies(policies, catalog, d_sae=d_sae)
-            if d_sae is not None:
-                compile_policies(policy_set, catalog, d_sae=d_sae)
         except PolicyError as exc:
             errors += exc.errors or [str(exc)]
-            policy_set = None
+        if policy_set is not None and d_sae is not None:
+            binding = binding_problems(policy_set, catalog, d_sae)
+            errors += binding
+            policy_set = None if binding else policy_set
     if policy_set is not None:
         errors += _unknown_rule_ids(src, policy_set, policies)
     errors = sort_messages(list(dict.fromkeys(errors)))
@@ -378,7 +370,7 @@ def _policy_paths(path: Path, src: YamlSource) -> tuple[list[Path], list[str]]:
         if not isinstance(name, str):
             continue  # reported by validation
         target = path.parent / name
-        if not target.is_file():
+        if not os.path.lexists(target):
             errors.append(located(src, loc, f"policy file '{name}' not found (looked for "
                                             f"{target})"))
         elif not is_policy_file(target):
@@ -434,234 +426,3 @@ def _case(spec: CaseSpec, src: YamlSource, loc: tuple) -> Case:
                 triggers=spec.expect.triggers, not_triggers=spec.expect.not_triggers,
                 outcome=spec.expect.outcome, messages=messages, text=spec.text,
                 prompt=spec.prompt, response=spec.response)
-
-
-# ============================================================================ running
-
-
-@dataclass(frozen=True)
-class RuleFiring:
-    """How one rule fired in one case: its hits summarised."""
-
-    rule_id: str
-    hits: int
-    first_scope: str
-    first_token: int
-    feature: str
-    peak: float
-
-    def describe(self) -> str:
-        return (f"{self.hits} hit(s), first at {self.first_scope} token {self.first_token}, "
-                f"peak {self.feature} = {self.peak:.4g}")
-
-
-@dataclass(frozen=True)
-class CaseResult:
-    """The result of one case. ``failures`` holds one sentence per unmet expectation."""
-
-    case: Case
-    passed: bool
-    failures: tuple[str, ...]
-    outcome: str | None
-    fired: dict[str, RuleFiring] = field(default_factory=dict)
-    error: str | None = None
-
-
-def run_cases(monitor: Monitor, cases: Iterable[Case], *,
-              policy_set: PolicySet | None = None) -> list[CaseResult]:
-    """Run each case through ``monitor.scan`` against ``monitor.policy`` and check it.
-
-    ``policy_set`` (the rules behind ``monitor.policy``) is optional; with it, a rule that
-    should have fired but did not is explained by the peak activation of each of its features
-    against its threshold (one extra scan of that case, with the same model and SAE).
-    Never raises for a case: an exception while scanning fails that case with the reason.
-    """
-    return [_run_case(monitor, case, policy_set) for case in cases]
-
-
-def _run_case(monitor: Monitor, case: Case, policy_set: PolicySet | None) -> CaseResult:
-    from monitor.wrapper import MonitorUnavailable
-
-    try:
-        report = case.scan(monitor)
-    except MonitorUnavailable as exc:
-        report = exc.report
-    except Exception as exc:  # noqa: BLE001 - a broken case must not stop the others
-        reason = f"could not scan the case: {type(exc).__name__}: {exc}"
-        if case.messages is not None and "chat template" in str(exc).lower():
-            reason += " (this tokenizer has no chat template; use 'text' or 'prompt'/'response')"
-        return CaseResult(case, False, (reason,), None, error=reason)
-    fired = summarise_hits(report)
-    known = {r.id for r in monitor.policy.rules}
-    failures: list[str] = []
-    if report.error is not None:
-        failures.append(f"monitoring failed ({report.outcome}): {report.error}")
-    rules = {r.id: r for r in policy_set.rules} if policy_set is not None else {}
-    missing = [r for r in case.triggers if r in known and r not in fired]
-    peaks = _peaks(monitor, case, [rules[r] for r in missing if r in rules]) if missing else {}
-    for rule_id in case.triggers:
-        if rule_id not in known:
-            failures.append(f"rule '{rule_id}' is not in the policy under test")
-        elif rule_id not in fired:
-            detail = _why_not(rules.get(rule_id), peaks, monitor.catalog)
-            failures.append(f"expected rule '{rule_id}' to fire; it did not{detail}")
-    for rule_id in case.not_triggers:
-        if rule_id not in known:
-            failures.append(f"rule '{rule_id}' is not in the policy under test")
-        elif rule_id in fired:
-            failures.append(f"rule '{rule_id}' fired but must not: {fired[rule_id].describe()}"
-                            f"{_threshold_of(rules.get(rule_id), fired[rule_id].feature, monitor)}")
-    if case.outcome is not None and report.outcome != case.outcome:
-        failures.append(f"expected outcome {case.outcome}, got {report.outcome}"
-                        f"{_outcome_cause(report)}")
-    return CaseResult(case, not failures, tuple(failures), report.outcome, fired, report.error)
-
-
-def summarise_hits(report: Report) -> dict[str, RuleFiring]:
-    """Per rule that fired: hit count, first hit, and the strongest driving activation."""
-    out: dict[str, RuleFiring] = {}
-    for hit in report.hits:
-        prev = out.get(hit.rule_id)
-        if prev is None:
-            out[hit.rule_id] = RuleFiring(hit.rule_id, 1, hit.scope, hit.token_index,
-                                          hit.feature, hit.activation)
-            continue
-        stronger = hit.activation > prev.peak
-        out[hit.rule_id] = RuleFiring(prev.rule_id, prev.hits + 1, prev.first_scope,
-                                      prev.first_token,
-                                      hit.feature if stronger else prev.feature,
-                                      hit.activation if stronger else prev.peak)
-    return out
-
-
-def _outcome_cause(report: Report) -> str:
-    if report.blocks:
-        first = report.blocks[min(report.blocks)]
-        return f" (blocked by rule '{first.rule_id}' at {first.scope} token {first.token_index})"
-    if report.steers:
-        ids = sorted({d.rule_id for d in report.steers})
-        return f" (steered by rule {', '.join(repr(i) for i in ids)})"
-    return ""
-
-
-# ---------------------------------------------------------------------------- diagnostics
-
-_FLOOR = -1e30  # a threshold every finite activation passes
-
-
-def _threshold_text(leaf: Leaf, catalog: Catalog | None) -> str:
-    if leaf.above is not None:
-        text = f"above {leaf.above:g}"
-    elif leaf.below is not None:
-        text = f"below {leaf.below:g}"
-    else:
-        entry = catalog.find(leaf.feature or "") if catalog is not None else None
-        scaled = (f" = {leaf.above_relative * entry.max_activation:.4g}"
-                  if entry is not None and entry.max_activation is not None
-                  and leaf.above_relative is not None else "")
-        text = f"above_relative {leaf.above_relative:g}{scaled}"
-    kind = leaf.aggregate.kind
-    if kind == "window_mean":
-        text += f", mean over {leaf.aggregate.tokens} tokens"
-    elif kind == "count_in_window":
-        text += f", {leaf.aggregate.at_least} of {leaf.aggregate.tokens} tokens"
-    elif kind == "consecutive":
-        text += f", {leaf.aggregate.tokens} tokens in a row"
-    return text
-
-
-def _threshold_of(rule: Rule | None, feature: str, monitor: Monitor) -> str:
-    if rule is None:
-        return ""
-    for _, leaf in walk_conditions(rule.when, ()):
-        if leaf.label == feature:
-            return f" (threshold {_threshold_text(leaf, monitor.catalog)})"
-    return ""
-
-
-@dataclass(frozen=True)
-class _Peak:
-    high: float
-    high_at: tuple[str, int]
-    low: float
-    low_at: tuple[str, int]
-
-
-def _diag_key(leaf: Leaf, scope: str) -> tuple[str, str]:
-    return (leaf.label, scope)
-
-
-def _peaks(monitor: Monitor, case: Case, rules: Sequence[Rule]) -> dict[tuple[str, str], _Peak]:
-    """Max and min activation of every feature the ``rules`` read, per scope, over the case.
-
-    One scan with a shadow policy holding a never-failing test per feature: the same model,
-    SAE, token masking and encoder as the real run, so the numbers are the ones the rule saw.
-    """
-    from monitor.wrapper import Monitor
-
-    keys: dict[tuple[str, str], Leaf] = {}
-    for rule in rules:
-        for _, leaf in walk_conditions(rule.when, ()):
-            keys.setdefault(_diag_key(leaf, rule.scope), leaf)
-    if not keys:
-        return {}
-    diag_rules, by_id = [], {}
-    for n, ((label, scope), leaf) in enumerate(keys.items()):
-        rule_id = f"peak.{n}"
-        by_id[rule_id] = (label, scope)
-        target = {"feature": leaf.feature} if leaf.feature is not None else {"latent": leaf.latent}
-        diag_rules.append(Rule.model_validate({
-            "id": rule_id, "description": "diagnostic: every activation", "severity": "info",
-            "mode": "shadow", "scope": scope, "when": {**target, "above": _FLOOR},
-            "actions": ["log"]}))
-    try:
-        policy = compile_policies(PolicySet.from_rules(diag_rules), monitor.catalog,
-                                  d_sae=monitor.sae.cfg.d_sae)
-        diag = Monitor(monitor.model, monitor.tokenizer, sae=monitor.sae, policies=policy,
-                       catalog=monitor.catalog, on_error="open", self_test=False,
-                       include_special_tokens=monitor.include_special_tokens)
-    except Exception:  # noqa: BLE001 - diagnostics are best effort
-        return {}
-    try:
-        report = case.scan(diag)
-    except Exception:  # noqa: BLE001
-        return {}
-    finally:
-        diag.close()
-    peaks: dict[tuple[str, str], _Peak] = {}
-    for hit in report.hits:
-        key = by_id[hit.rule_id]
-        at = (hit.scope, hit.token_index)
-        prev = peaks.get(key)
-        if prev is None:
-            peaks[key] = _Peak(hit.activation, at, hit.activation, at)
-        else:
-            high = hit.activation > prev.high
-            low = hit.activation < prev.low
-            peaks[key] = _Peak(hit.activation if high else prev.high, at if high else prev.high_at,
-                               hit.activation if low else prev.low, at if low else prev.low_at)
-    return peaks
-
-
-def _why_not(rule: Rule | None, peaks: dict[tuple[str, str], _Peak],
-             catalog: Catalog | None) -> str:
-    if rule is None:
-        return ""
-    parts = []
-    seen: set[str] = set()
-    for _, leaf in walk_conditions(rule.when, ()):
-        if leaf.label in seen:
-            continue
-        seen.add(leaf.label)
-        peak = peaks.get(_diag_key(leaf, rule.scope))
-        threshold = _threshold_text(leaf, catalog)
-        if peak is None:
-            parts.append(f"{leaf.label}: no monitored tokens in scope '{rule.scope}' "
-                         f"(threshold {threshold})")
-        elif leaf.below is not None:
-            parts.append(f"{leaf.label} lowest {peak.low:.4g} at {peak.low_at[0]} token "
-                         f"{peak.low_at[1]} (threshold {threshold})")
-        else:
-            parts.append(f"{leaf.label} peaked at {peak.high:.4g} at {peak.high_at[0]} token "
-                         f"{peak.high_at[1]} (threshold {threshold})")
-    return ": " + "; ".join(parts) if parts else ""

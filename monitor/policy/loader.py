@@ -9,42 +9,50 @@ All problems of all files are collected and raised together as one
 :class:`~monitor.errors.PolicyError` (``.errors`` lists them, each ``file:line:column: path:
 problem``), never as a traceback and never as a silently empty config: YAML syntax, duplicate
 keys, unknown keys (with did-you-mean), wrong types, out-of-range thresholds and windows, empty
-``any``/``all``, duplicate rule ids (within and across files), and, when a catalog is given,
-unknown feature names (with did-you-mean), relative thresholds on features without
+``any``/``all``, booleans where numbers belong, duplicate rule ids (within and across files),
+enforce rules whose condition cannot be false (:mod:`monitor.policy.checks`), and, when a catalog
+is given, unknown feature names (with did-you-mean), relative thresholds on features without
 ``max_activation`` and probe steering without ``along_direction: true``; with ``d_sae``,
 latents out of range.
+
+Files are read with the one YAML loader (:func:`monitor.yaml_source.load_document`): a policy
+file over :data:`MAX_POLICY_BYTES`, nesting deeper than ``MAX_DEPTH`` or aliases that expand
+beyond ``MAX_ALIAS_NODES`` are refused with ``file:line``. An entry of a policy directory whose
+name is a policy file's but that cannot be read (a broken symbolic link, a symlink loop, a FIFO,
+a directory, an unreadable file) is an error, never skipped: a reload then keeps the last good
+policy (:class:`~monitor.policy.reload.PolicyStore`) instead of silently dropping its rules.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from monitor.catalog import Catalog
 from monitor.errors import PolicyError
-from monitor.policy.schema import AllOf, AnyOf, Leaf, Not, PolicyFile, Rule, Steer
-from monitor.yaml_source import (Loc, YamlSource, YamlSyntaxError, duplicate_key_messages,
-                                 located, parse_yaml, sort_messages, validation_messages)
+from monitor.policy.checks import rule_problems
+from monitor.policy.schema import PolicyFile, Rule
+from monitor.policy.tree import walk_conditions as walk_conditions  # noqa: F401 - old path
+from monitor.yaml_messages import (duplicate_key_messages, located, sort_messages,
+                                   validation_messages)
+from monitor.yaml_source import (DocumentKind, Loc, SourceRef, YamlDocumentError, YamlSource,
+                                 load_document)
+
+if TYPE_CHECKING:
+    from monitor.catalog import Catalog
 
 POLICY_SUFFIXES = (".yaml", ".yml")
 TEST_SUFFIXES = (".tests.yaml", ".tests.yml")
-
-
-@dataclass(frozen=True)
-class SourceRef:
-    """Where something was defined: ``path:line:column`` (1-based)."""
-
-    path: str
-    line: int
-    column: int
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}:{self.column}"
+MAX_POLICY_BYTES = 1024 * 1024
+"""Largest policy file accepted (1 MiB: hundreds of rules; a 7 MB file took 45 s and 1.4 GB)."""
+POLICY_FILE = DocumentKind(what="policy file", needs="'version' and 'rules'",
+                           keys="'version' and 'rules'", max_bytes=MAX_POLICY_BYTES)
 
 
 @dataclass(frozen=True)
@@ -99,39 +107,60 @@ class PolicySet:
 
 
 def _version_id(files: Sequence[LoadedFile], rules: Sequence[Rule]) -> str:
-    doc = {"versions": [f.version for f in files],
-           "rules": [r.model_dump(mode="json", by_alias=True) for r in rules]}
+    doc = {"versions": [f.version for f in files], "rules": [_hashed(r) for r in rules]}
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _hashed(rule: Rule) -> dict:
+    """The rule as hashed: ``allow_always_true`` only when set, so ids from before the key
+    existed do not change."""
+    data = rule.model_dump(mode="json", by_alias=True)
+    if not data.get("allow_always_true"):
+        data.pop("allow_always_true", None)
+    return data
+
+
 def policy_files(paths: str | Path | Sequence[str | Path]) -> tuple[list[Path], list[str]]:
-    """The policy files named by ``paths`` (files as given, directories expanded) and errors."""
+    """The policy files named by ``paths`` (files as given, directories expanded) and errors.
+
+    A directory contributes every entry whose *name* is a policy file's, whatever it is on disk,
+    so broken links and unreadable entries reach the reader and are reported, not skipped.
+    """
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
     files: list[Path] = []
     errors: list[str] = []
-    seen: set[Path] = set()
+    seen: set[str] = set()
     if not items:
         errors.append("no policy paths given")
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and is_policy_file(f))
+            found = list_entries(p, is_policy_file)
             if not found:
                 errors.append(f"{p}: directory holds no policy files (*.yaml, *.yml; "
                               f"*.tests.yaml are test cases)")
             candidates = found
-        elif p.is_file():
-            candidates = [p]
+        elif os.path.lexists(p):
+            candidates = [p]  # a file, or something the reader will explain (broken link, FIFO)
         else:
             errors.append(f"{p}: no such policy file or directory")
             candidates = []
         for f in candidates:
-            key = f.resolve()
+            key = os.path.realpath(f)
             if key not in seen:
                 seen.add(key)
                 files.append(f)
     return files, errors
+
+
+def list_entries(directory: Path, accept: Callable[[Path], bool]) -> list[Path]:
+    """Entries of ``directory`` (not recursive) whose name ``accept`` takes, sorted by name.
+
+    Chosen by name only: a broken symbolic link, a symlink loop or a FIFO called ``x.yaml`` is
+    listed, so the reader reports it rather than the scan dropping it.
+    """
+    return sorted(f for f in directory.iterdir() if accept(f))
 
 
 def is_policy_file(path: Path) -> bool:
@@ -146,7 +175,7 @@ def load_policies(paths: str | Path | Sequence[str | Path], catalog: Catalog | N
     """Load and validate policy files into a :class:`PolicySet`.
 
     ``catalog`` resolves feature names (without one, names are checked later by
-    :func:`~monitor.policy.engine.compile_policies`); ``d_sae`` range-checks raw latents.
+    :func:`~monitor.policy.compile.compile_policies`); ``d_sae`` range-checks raw latents.
     Raises :class:`PolicyError` listing every problem found in every file.
     """
     files, errors = policy_files(paths)
@@ -182,18 +211,9 @@ def _load_file(path: Path, catalog: Catalog | None, d_sae: int | None
                ) -> tuple[list[str], tuple[PolicyFile, YamlSource, list[SourceRef]] | None]:
     """(errors, parsed) for one file; ``parsed`` is None when the file has any error."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return [f"{path}: cannot read policy file: {exc}"], None
-    try:
-        src = parse_yaml(text, path)
-    except YamlSyntaxError as exc:
+        src = load_document(path, POLICY_FILE)
+    except YamlDocumentError as exc:
         return [exc.message], None
-    if src.data is None:
-        return [f"{path}:1:1: the file is empty; a policy file needs 'version' and 'rules'"], None
-    if not isinstance(src.data, dict):
-        return [f"{src.where(())}: a policy file must be a mapping with keys 'version' and "
-                f"'rules', not a {type(src.data).__name__}"], None
     errors = duplicate_key_messages(src)
     doc: PolicyFile | None = None
     try:
@@ -226,77 +246,3 @@ def _load_file(path: Path, catalog: Catalog | None, d_sae: int | None
         pos = src.position(("rules", i))
         refs.append(SourceRef(str(path), pos.line, pos.column))
     return [], (doc, src, refs)
-
-
-# -------------------------------------------------------------------------------- semantics
-
-
-def walk_conditions(cond: Leaf | AnyOf | AllOf | Not, loc: Loc) -> Iterator[tuple[Loc, Leaf]]:
-    """Every feature test in ``cond`` with its path in the YAML data."""
-    if isinstance(cond, Leaf):
-        yield loc, cond
-    elif isinstance(cond, AnyOf):
-        for i, c in enumerate(cond.any):
-            yield from walk_conditions(c, (*loc, "any", i))
-    elif isinstance(cond, AllOf):
-        for i, c in enumerate(cond.all):
-            yield from walk_conditions(c, (*loc, "all", i))
-    else:
-        yield from walk_conditions(cond.not_, (*loc, "not"))
-
-
-def rule_problems(rule: Rule, catalog: Catalog | None, d_sae: int | None,
-                  loc: Loc = ()) -> list[tuple[Loc, str]]:
-    """Problems that need the catalog or the SAE width, as ``(path, text)`` pairs.
-
-    Feature names are only checked when ``catalog`` is given, latent ranges only with
-    ``d_sae``. Shared by the loader (which has YAML positions) and the compiler.
-    """
-    out: list[tuple[Loc, str]] = []
-    for where, leaf in walk_conditions(rule.when, (*loc, "when")):
-        out += _target_problems(leaf.feature, leaf.latent, catalog, d_sae, where)
-        if leaf.above_relative is not None and catalog is not None:
-            entry = catalog.find(leaf.feature or "")
-            if entry is not None and entry.max_activation is None:
-                out.append(((*where, "above_relative"), f"feature '{entry.name}' has no "
-                            "max_activation in the catalog; use an absolute 'above' or add "
-                            "max_activation to the catalog"))
-    for i, action in enumerate(rule.actions):
-        if action.steer is not None:
-            out += _steer_problems(action.steer, catalog, d_sae, (*loc, "actions", i, "steer"))
-    return out
-
-
-def _target_problems(feature: str | None, latent: int | None, catalog: Catalog | None,
-                     d_sae: int | None, where: Loc) -> list[tuple[Loc, str]]:
-    out: list[tuple[Loc, str]] = []
-    if feature is not None and catalog is not None:
-        entry = catalog.find(feature)
-        if entry is None:
-            close = catalog.suggest(feature)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            out.append(((*where, "feature"), f"unknown feature '{feature}' (not in catalog for "
-                                             f"SAE '{catalog.sae}'){hint}"))
-        elif entry.latent is not None and d_sae is not None and entry.latent >= d_sae:
-            out.append(((*where, "feature"), f"feature '{feature}' is latent {entry.latent} in "
-                        f"the catalog, out of range for an SAE with {d_sae} latents"))
-    if latent is not None and d_sae is not None and latent >= d_sae:
-        out.append(((*where, "latent"), f"latent {latent} is out of range for an SAE with "
-                                        f"{d_sae} latents (valid: 0..{d_sae - 1})"))
-    return out
-
-
-def _steer_problems(steer: Steer, catalog: Catalog | None, d_sae: int | None,
-                    where: Loc) -> list[tuple[Loc, str]]:
-    out = _target_problems(steer.feature, steer.latent, catalog, d_sae, where)
-    entry = catalog.find(steer.feature) if catalog is not None and steer.feature else None
-    if entry is None:
-        return out
-    if entry.probe is not None and not steer.along_direction:
-        out.append(((*where, "feature"), f"feature '{entry.name}' is a linear probe, not an SAE "
-                    "latent; steering it moves the residual along the probe direction. Add "
-                    "'along_direction: true' to confirm"))
-    if steer.clamp_relative is not None and entry.max_activation is None:
-        out.append(((*where, "clamp_relative"), f"feature '{entry.name}' has no max_activation "
-                    "in the catalog; use an absolute 'clamp' or add max_activation"))
-    return out

@@ -2,7 +2,9 @@
 
 A policy edit must never take monitoring down. :meth:`PolicyStore.reload` loads and compiles
 the files again; if anything is wrong the new version is rejected, the error is returned (not
-raised) and the last good policy stays active. Readers take ``store.current`` once per request
+raised) and the last good policy stays active. A policy file that became a broken symbolic link,
+a symlink loop or an unreadable entry is such an error (the loader never skips it), so a reload
+never answers "ok" with a rule silently gone. Readers take ``store.current`` once per request
 (a single attribute read, atomic under the GIL) and keep that object, with its own
 ``EngineState``, for the whole request, so a swap never mixes two versions in one request.
 
@@ -23,7 +25,8 @@ import structlog
 
 from monitor.catalog import Catalog
 from monitor.errors import MonitorError
-from monitor.policy.engine import CompiledPolicy, compile_policies
+from monitor.policy.compile import compile_policies
+from monitor.policy.engine import CompiledPolicy
 from monitor.policy.loader import load_policies, policy_files
 
 PathsArg = str | Path | Sequence[str | Path]

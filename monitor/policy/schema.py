@@ -65,18 +65,25 @@ Actions are a list; the simple ones are bare words, the others take options::
 
 Steering a *probe* feature moves the residual along the probe direction rather than an SAE
 decoder row; that must be asked for explicitly with ``along_direction: true``.
+
+A condition that holds on every monitored token whatever the model does is almost always a
+mistake: SAE latents are never negative, so ``{latent: 4711, above: -5}`` is always true, and an
+``enforce`` rule would block or steer every request. Such a rule is refused with the reason (see
+:mod:`monitor.policy.checks`; SAE latents only, a probe's score has no known range) unless the
+rule says ``allow_always_true: true``. A condition that can never be true does no harm.
+Numbers are numbers: ``latent: true`` is refused, not read as latent 1. To walk a condition
+tree use :mod:`monitor.policy.tree`.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag,
                       WithJsonSchema, model_validator)
 
 from monitor.catalog import FEATURE_NAME_PATTERN
+from monitor.yaml_source import NumbersNotBooleans
 
 Severity = Literal["info", "low", "medium", "high", "critical"]
 Mode = Literal["enforce", "shadow"]
@@ -89,8 +96,9 @@ SIMPLE_ACTIONS = ("log", "metric", "alert")
 COMBINATORS = ("any", "all", "not")
 
 
-class _Strict(BaseModel):
-    """Frozen, unknown keys forbidden, no NaN/inf: policy YAML is never silently reinterpreted."""
+class _Strict(NumbersNotBooleans):
+    """Frozen, unknown keys forbidden, no NaN/inf, no booleans for numbers: policy YAML is never
+    silently reinterpreted."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True,
                               allow_inf_nan=False)
@@ -305,24 +313,6 @@ for _m in (AnyOf, AllOf, Not):
     _m.model_rebuild()
 
 
-def children(cond: Leaf | AnyOf | AllOf | Not) -> tuple[Leaf | AnyOf | AllOf | Not, ...]:
-    """The direct sub-conditions of ``cond`` (empty for a feature test)."""
-    if isinstance(cond, AnyOf):
-        return cond.any
-    if isinstance(cond, AllOf):
-        return cond.all
-    if isinstance(cond, Not):
-        return (cond.not_,)
-    return ()
-
-
-def leaves(cond: Leaf | AnyOf | AllOf | Not) -> list[Leaf]:
-    """Every feature test inside ``cond``, depth first."""
-    if isinstance(cond, Leaf):
-        return [cond]
-    return [leaf for c in children(cond) for leaf in leaves(c)]
-
-
 # -------------------------------------------------------------------------------- actions
 
 
@@ -440,6 +430,10 @@ class Rule(_Strict):
         "Which tokens are checked: the prompt, the generated response, or both."))
     when: Condition = Field(description="The condition that makes the rule fire.")
     actions: tuple[Action, ...] = Field(min_length=1, description="What to do when it fires.")
+    allow_always_true: bool = Field(default=False, description=(
+        "Accept a condition that holds on every monitored token whatever the activations "
+        "(e.g. 'above: -5' on an SAE latent, which is never negative). Without it such an "
+        "enforce rule is refused, because it would block or steer every request."))
 
 
 class PolicyFile(_Strict):
@@ -453,42 +447,3 @@ class PolicyFile(_Strict):
             "Your label for this version of the file (e.g. '2025-01-15' or '1.2'); recorded "
             "with every decision for audit."))
     rules: tuple[Rule, ...] = Field(default=(), description="The rules of this file.")
-
-
-def _drop_null(node: Any) -> Any:
-    """Remove ``null`` from optional fields: YAML authors omit a key rather than write null.
-
-    The models type "one of several keys" fields as ``X | None`` (so validation errors come
-    from ``X`` alone), which pydantic renders as ``anyOf: [X, null]`` with ``default: null``.
-    """
-    if isinstance(node, list):
-        return [_drop_null(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    node = {k: _drop_null(v) for k, v in node.items()}
-    any_of = node.get("anyOf")
-    if isinstance(any_of, list) and {"type": "null"} in any_of:
-        rest = [a for a in any_of if a != {"type": "null"}]
-        node.pop("anyOf")
-        if node.get("default", 0) is None:
-            node.pop("default")
-        node = {**rest[0], **node} if len(rest) == 1 else {"anyOf": rest, **node}
-    return node
-
-
-def policy_json_schema() -> dict[str, Any]:
-    """The JSON Schema of a policy file (draft 2020-12), as committed in policies/schema.json."""
-    schema = _drop_null(PolicyFile.model_json_schema(by_alias=True))
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
-
-
-def write_json_schema(path: str | Path) -> None:
-    """Write :func:`policy_json_schema` to ``path`` (2-space indent, trailing newline).
-
-    Regenerate the committed copy after changing the models::
-
-        python -c "from monitor.policy import write_json_schema as w; w('policies/schema.json')"
-    """
-    text = json.dumps(policy_json_schema(), indent=2, ensure_ascii=False) + "\n"
-    Path(path).write_text(text, encoding="utf-8")
-

@@ -123,8 +123,11 @@ def reference(conds: list[dict], acts: list, mask: list) -> torch.Tensor:
 
 
 def compile_conditions(conds: list[dict]):
+    # Activations here range over negative values too (the engine takes any column), so
+    # thresholds below zero are meaningful: allow what the loader refuses for SAE latents.
     rules = [Rule.model_validate({"id": f"r{i}", "description": "property test",
-                                  "severity": "low", "when": c, "actions": ["log"]})
+                                  "severity": "low", "when": c, "actions": ["log"],
+                                  "allow_always_true": True})
              for i, c in enumerate(conds)]
     return compile_policies(PolicySet.from_rules(rules), None, d_sae=D_SAE)
 

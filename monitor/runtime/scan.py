@@ -1,0 +1,184 @@
+"""Teacher-forced scanning of finished transcripts, batched.
+
+A transcript is split into prompt and response tokens the way a live call would see them
+(:func:`scan_token_ids`). Many transcripts are scanned together: sorted by length into
+buckets, right-padded (so every real token keeps its position and, under the causal mask, its
+activations), run through the model only up to the SAE's layer, encoded in one call per batch,
+and then each transcript's session steps the policy over its own prompt and response spans.
+Per-item results equal scanning one at a time up to float rounding of batched matmuls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+
+from monitor.data import token_ids
+from monitor.errors import MonitorUnavailable, UnsupportedModelError
+from monitor.runtime.hf_request import CURRENT
+
+if TYPE_CHECKING:
+    from monitor.report import Report
+    from monitor.runtime.hf import Monitor
+
+Messages = Sequence[Mapping[str, str]]
+
+
+@dataclass(frozen=True)
+class ScanItem:
+    """A transcript to scan: ``text`` (a string, or chat ``messages`` whose last assistant turn
+    is the response) and, for a string, an optional ``prompt`` that precedes it."""
+
+    text: str | Messages
+    prompt: str | None = None
+
+
+Scannable = Union[str, Messages, ScanItem]
+
+
+def as_scan_item(item: Scannable) -> ScanItem:
+    return item if isinstance(item, ScanItem) else ScanItem(item)
+
+
+def scan_token_ids(tokenizer: Any, item: ScanItem) -> tuple[list[int], list[int]]:
+    """``(prompt_ids, response_ids)`` of a transcript.
+
+    ``messages``: the last assistant turn is the response, everything before it (with the
+    generation prompt) the prompt; without a final assistant turn all of it is prompt. A plain
+    string is all response, unless ``prompt`` is given (prompt + text).
+    """
+    text, prompt = item.text, item.prompt
+    if isinstance(text, str):
+        prompt_ids = token_ids(tokenizer(prompt, add_special_tokens=True)) if prompt else []
+        return prompt_ids, token_ids(tokenizer(text, add_special_tokens=not prompt))
+    messages = [dict(m) for m in text]
+    if messages and messages[-1].get("role") == "assistant":
+        prompt_ids = token_ids(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True))
+        full = token_ids(tokenizer.apply_chat_template(messages, tokenize=True))
+        return prompt_ids, full[len(prompt_ids):]
+    return token_ids(tokenizer.apply_chat_template(messages, tokenize=True)), []
+
+
+def monitor_mask(ids: torch.Tensor, lengths: torch.Tensor, special_ids: torch.Tensor,
+                 include_special_tokens: bool) -> torch.Tensor:
+    """Positions of right-padded ``ids[B, T]`` to monitor: real (within ``lengths``), and,
+    unless ``include_special_tokens``, neither a special token nor position 0 (the sink)."""
+    cols = torch.arange(ids.shape[1])
+    mask = cols[None, :] < lengths[:, None]
+    if not include_special_tokens:
+        mask &= ~torch.isin(ids, special_ids)
+        mask[:, 0] = False
+    return mask
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first, so a memory problem
+    shows at once), at most ``batch_size`` items and, if given, ``max_tokens`` padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) >= batch_size or (max_tokens and width * (len(current) + 1) > max_tokens)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``ids[B, T]`` and the attention mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        attention[row, : len(seq)] = 1
+    return ids, attention
+
+
+class ScanComplete(Exception):
+    """Raised by :class:`ScanCapture` to stop the forward once the SAE's layer has run."""
+
+
+class ScanCapture:
+    """The current request of a scanning thread: takes the residual at the monitor's hook and
+    stops the forward there. It goes through the monitor's own hook and the thread's context
+    variable, so a ``generate`` running in another thread on the same model is untouched (a
+    hook added to the shared module for the scan would fire, and stop, that forward too)."""
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        self.current_ids: torch.Tensor | None = None
+        self.resid: torch.Tensor | None = None
+
+    def on_residual(self, resid: torch.Tensor) -> None:
+        self.resid = resid
+        raise ScanComplete
+
+
+def read_residual(monitor: Monitor, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """The residual ``[B, T, d]`` at the monitor's hook point for a teacher-forced batch."""
+    capture = ScanCapture(monitor)
+    token = CURRENT.set(capture)  # type: ignore[arg-type]
+    try:
+        with torch.no_grad():
+            monitor.model(input_ids=ids, attention_mask=attention, use_cache=False)
+    except ScanComplete:
+        pass
+    finally:
+        CURRENT.reset(token)
+    if capture.resid is None:
+        raise UnsupportedModelError(
+            f"the monitor's hook at {monitor.point.name} never ran during the scan's forward pass")
+    return capture.resid
+
+
+def scan_transcripts(monitor: Monitor, items: Sequence[Scannable], *, batch_size: int = 16,
+                     max_batch_tokens: int = 16384, progress: Callable[[int], Any] | None = None,
+                     refuse: bool = False) -> list[Report]:
+    """``Monitor.scan_many``: see there. One session per transcript on one policy snapshot;
+    per batch one forward (stopped after the SAE's layer) and one encode."""
+    policy = monitor.policy
+    tokenizer = monitor.tokenizer
+    parsed = [scan_token_ids(tokenizer, as_scan_item(item)) for item in items]
+    lengths = [len(p) + len(r) for p, r in parsed]
+    reports: list[Report | None] = [None] * len(parsed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for batch in length_buckets(lengths, batch_size, max_batch_tokens):
+        started = time.perf_counter()
+        sessions = {i: monitor.new_session(1, policy) for i in batch}
+        real = [i for i in batch if lengths[i] > 0]
+        if real:
+            ids, attention = pad_batch([parsed[i][0] + parsed[i][1] for i in real], pad)
+            resid = read_residual(monitor, ids, attention)
+            encoding = time.perf_counter()
+            encoder = sessions[real[0]].encoder
+            feats = encoder.encode(resid)
+            mask = monitor_mask(ids, attention.sum(1), monitor.special_ids, monitor.include_special_tokens)
+            mask &= encoder.content_mask(resid).cpu()
+            share = (time.perf_counter() - encoding) / len(real)
+            for row, i in enumerate(real):
+                stepping = time.perf_counter()
+                split, end = len(parsed[i][0]), lengths[i]
+                for scope, lo, hi in (("prompt", 0, split), ("response", split, end)):
+                    if hi > lo:
+                        sessions[i].observe_features(feats[row:row + 1, lo:hi], scope,  # type: ignore[arg-type]
+                                                     mask[row:row + 1, lo:hi])
+                sessions[i].report.monitor_seconds += share + time.perf_counter() - stepping
+        for i in batch:
+            try:
+                reports[i] = monitor.deliver(sessions[i], started, raise_blocks=False)
+            except MonitorUnavailable as exc:
+                if refuse:
+                    raise
+                reports[i] = exc.report
+        if progress is not None:
+            progress(len(batch))
+    return [r for r in reports if r is not None]

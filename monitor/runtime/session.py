@@ -1,0 +1,172 @@
+"""The engine-agnostic monitoring core: one :class:`Session` per request.
+
+An engine adapter (transformers hooks, a vLLM plugin, an offline scanner) feeds a session the
+residual activations of a span of positions of each row, with a mask of the positions that may
+be monitored, and gets back the decisions as plain values (:class:`StepDecisions`): the hits,
+the rows newly blocked (with the token index to cut at) and the steering directives to apply at
+the span's last position. A session never touches a model and never reaches into the object
+that created it: it receives its policy snapshot and its encoder when it is made.
+
+Data flow per call: ``observe(resid)`` -> :class:`~monitor.runtime.encoder.FeatureEncoder`
+(watched latents and probes, one fused matmul) -> ``CompiledPolicy.step`` (pure, vectorised over
+all rules) -> decisions recorded in :attr:`Session.report`.
+
+Timing: the adapter adds its own monitoring time (hook to decisions) to
+``report.monitor_seconds``; the session does not time itself, so nothing is counted twice.
+
+Faults: any exception while monitoring is handled by ``on_error``. ``"open"``: the session
+stops monitoring, the report says ``failed_open`` and the request continues unmonitored.
+``"closed"``: every row is stopped and :attr:`refused` is set; the adapter refuses the request.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from monitor.report import BlockInfo, Report
+
+if TYPE_CHECKING:
+    from monitor.policy import CompiledPolicy, EngineState, Hit, SteerDirective
+    from monitor.runtime.encoder import FeatureEncoder
+
+Scope = Literal["prompt", "response"]
+FailureMode = Literal["open", "closed"]
+
+
+@dataclass(frozen=True)
+class StepDecisions:
+    """What one observed span decided. ``blocks`` holds only rows blocked by this span;
+    ``steers`` are the directives in force for the span's last position (apply them there,
+    to rows not stopped)."""
+
+    hits: tuple[Hit, ...] = ()
+    blocks: dict[int, BlockInfo] = field(default_factory=dict)
+    steers: tuple[SteerDirective, ...] = ()
+
+
+NOTHING = StepDecisions()
+
+
+def resolve_on_error(on_error: Literal["open", "closed", "auto"], policy: CompiledPolicy) -> FailureMode:
+    """``auto`` fails closed when any enforce rule is loaded (a block must not be skipped
+    silently), open otherwise."""
+    if on_error != "auto":
+        return on_error
+    return "closed" if any(r.mode == "enforce" for r in policy.rules) else "open"
+
+
+class Session:
+    """Monitoring state of one request of ``rows`` rows; see the module docstring."""
+
+    def __init__(self, policy: CompiledPolicy, encoder: FeatureEncoder, rows: int, *,
+                 on_error: FailureMode = "closed", request_id: str | None = None) -> None:
+        self.policy = policy
+        self.encoder = encoder
+        self.rows = rows
+        self.on_error = on_error
+        self.state: EngineState | None = None
+        self.report = Report(request_id=request_id or uuid.uuid4().hex,
+                             policy_version=policy.version_id, row_outcomes=["allowed"] * rows,
+                             features=tuple(f.label for f in policy.features))
+        self.stopped = torch.zeros(rows, dtype=torch.bool)
+        self.block_position: dict[int, int] = {}  # row -> response tokens kept (-1: prompt block)
+        self.disabled = False  # failed open: monitoring stopped, generation goes on
+        self.refused = False  # failed closed: the request must be refused
+        self._tokens: dict[str, torch.Tensor] = {}
+        self._steer_keys: set[tuple[int, str, int | None, str | None]] = set()
+
+    # ------------------------------------------------------------------ feeding
+    def observe(self, resid: torch.Tensor, scope: Scope, mask: torch.Tensor | None = None) -> StepDecisions:
+        """Encode ``resid[B, T, d]`` and evaluate it as the next ``T`` tokens of ``scope``.
+
+        ``mask[B, T]`` is False where a position must not be monitored (padding, special
+        tokens); positions the SAE cannot read and rows already stopped are masked here.
+        """
+        if self.disabled or self.refused:
+            return NOTHING
+        try:
+            feats = self.encoder.encode(resid)
+            content = self.encoder.content_mask(resid)
+            return self._step(feats, scope, content if mask is None else mask.to(content.device) & content)
+        except Exception as exc:  # noqa: BLE001 - every monitoring fault is handled by on_error
+            self.fail(exc)
+            return NOTHING
+
+    def observe_features(self, feats: torch.Tensor, scope: Scope, mask: torch.Tensor | None = None) -> StepDecisions:
+        """As :meth:`observe`, for an engine that encoded many requests at once:
+        ``feats[B, T, F]`` are already the policy's columns (``FeatureEncoder.encode``)."""
+        if self.disabled or self.refused:
+            return NOTHING
+        try:
+            if mask is None:
+                mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+            return self._step(feats, scope, mask.to(feats.device))
+        except Exception as exc:  # noqa: BLE001
+            self.fail(exc)
+            return NOTHING
+
+    def fail(self, exc: BaseException) -> None:
+        """Record a monitoring fault and apply ``on_error`` (see the module docstring)."""
+        self.report.error = f"{type(exc).__name__}: {exc}"
+        if self.on_error == "open":
+            self.disabled = True
+            self.report.failed_open = True
+        else:
+            self.refused = True
+            self.stopped[:] = True
+
+    def tokens_seen(self, scope: Scope) -> int:
+        """Tokens of ``scope`` evaluated so far per row (masked ones included)."""
+        return 0 if self.state is None else self.state.tokens_seen(scope)
+
+    def finish(self, total_seconds: float | None = None) -> Report:
+        """Close the session: settle the token counters and return the report."""
+        for scope, count in self._tokens.items():
+            self.report.tokens_monitored[scope] = int(count)
+        if total_seconds is not None:
+            self.report.total_seconds = total_seconds
+        return self.report
+
+    # ------------------------------------------------------------------ one step
+    def _step(self, feats: torch.Tensor, scope: Scope, mask: torch.Tensor) -> StepDecisions:
+        stopped = self.stopped.to(mask.device)
+        mask = mask & ~stopped[:, None]
+        if not bool(torch.isfinite(feats).all()):
+            raise FloatingPointError("non-finite SAE activation")
+        if self.state is None or self.state.device != feats.device:
+            self.state = self.policy.new_state(self.rows, feats.device)
+        count = mask.sum()
+        previous = self._tokens.get(scope)
+        self._tokens[scope] = count if previous is None else previous + count
+        peak = feats.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
+        old_peak = self.report.peaks.get(scope)
+        self.report.peaks[scope] = peak if old_peak is None else torch.maximum(old_peak, peak)
+        result = self.policy.step(self.state, feats, mask, scope)
+        if not result.hits and not result.steer:
+            return NOTHING
+        report = self.report
+        report.hits.extend(result.hits)
+        for hit in result.hits:
+            if hit.mode == "enforce" and "steer" in hit.actions and report.row_outcomes[hit.row] == "allowed":
+                report.row_outcomes[hit.row] = "steered"
+        blocks: dict[int, BlockInfo] = {}
+        for row, (rule_id, message) in result.block_messages.items():
+            if row in report.blocks:
+                continue
+            first = next(h for h in result.hits if h.row == row and h.rule_id == rule_id and "block" in h.actions)
+            info = BlockInfo(row, rule_id, message, scope, first.token_index)
+            report.blocks[row] = blocks[row] = info
+            report.row_outcomes[row] = "blocked"
+            self.stopped[row] = True
+            self.block_position[row] = first.token_index if scope == "response" else -1
+        for d in result.steer:
+            key = (d.row, d.rule_id, d.latent, d.probe)
+            if key not in self._steer_keys:
+                self._steer_keys.add(key)
+                report.steers.append(d)
+        steers = tuple(d for d in result.steer if not bool(self.stopped[d.row]))
+        return StepDecisions(tuple(result.hits), blocks, steers)
