@@ -45,7 +45,8 @@ def benign_rows(corpus: str | Path, *, n: int = 400, chat_share: float = 0.5, se
                 max_chars: int = 2000) -> list[dict[str, Any]]:
     """``n`` rows (label 0, category ``benign``) sampled from ``corpus`` by ``seed``:
     ``round(n * chat_share)`` dialogues, the rest general text. Same arguments, same rows."""
-    chats, texts = [], []
+    chats: list[tuple[int, dict[str, Any]]] = []
+    texts: list[tuple[int, dict[str, Any]]] = []
     for lineno, row in enumerate(read_jsonl(corpus), 1):
         source = str(row.get("source", ""))
         if source.startswith(EXCLUDED_SOURCES) or not isinstance(row.get("text"), str):

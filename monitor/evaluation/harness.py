@@ -194,7 +194,8 @@ def evaluate(monitor: Any, items: Sequence[EvalItem | Mapping[str, Any]], *,
                                     scorer.evidence_rules, policy)
     results = [_item_result(item, row, by_category, in_response, enforce)
                for item, row in zip(items, rows[:len(items)])]
-    notes, cat_notes = [], {c: [] for c in by_category}
+    notes: list[str] = []
+    cat_notes: dict[str, list[str]] = {c: [] for c in by_category}
     if dense:
         x = baselines.pooled_features(monitor.model, tokenizer, monitor.point, items, batch_size=batch_size,
                                       progress=steps.part())

@@ -101,13 +101,14 @@ def eval_item(row: Mapping[str, Any], tokenizer: Any = None, *, context_chars: i
     category = str(row.get("category") or "uncategorised")
     ident = str(row.get("id", source))
     language = row.get("language")
-    extra = {"source": str(row.get("source", "")).split(":")[0],
-             "pair_id": None if row.get("pair_id") is None else str(row["pair_id"]),
-             "fields": {k: str(row[k]) for k in GROUP_FIELDS if row.get(k) is not None}}
+    row_source = str(row.get("source", "")).split(":")[0]
+    pair_id = None if row.get("pair_id") is None else str(row["pair_id"])
+    fields = {k: str(row[k]) for k in GROUP_FIELDS if row.get(k) is not None}
     messages = row.get("messages")
     if (isinstance(messages, list) and messages and messages[-1].get("role") == "assistant"
             and not row.get("changed_lines") and getattr(tokenizer, "chat_template", None)):
-        return EvalItem(label, category, tuple(dict(m) for m in messages), None, ident, language, **extra)
+        return EvalItem(label, category, tuple(dict(m) for m in messages), None, ident, language,
+                        source=row_source, pair_id=pair_id, fields=fields)
     try:
         item = labeled_item(row, tokenizer)
     except DataError as exc:
@@ -125,14 +126,14 @@ def eval_item(row: Mapping[str, Any], tokenizer: Any = None, *, context_chars: i
     truncated = len(prompt) > context_chars or len(response) > scope_chars
     prompt, response = prompt[len(prompt) - min(len(prompt), context_chars):], response[:scope_chars]
     return EvalItem(label, category, response, prompt or None, ident, language, code, code_lines,
-                    truncated, widened, **extra)
+                    truncated, widened, source=row_source, pair_id=pair_id, fields=fields)
 
 
 def load_eval_items(path: str | Path, tokenizer: Any = None, *, limit: int | None = None,
                     label: int | None = None, **options: Any) -> list[EvalItem]:
     """Items of a labeled JSONL file (first ``limit`` rows); options as :func:`eval_item`.
     ``label`` sets every row's label (a benign-traffic file has none)."""
-    items = []
+    items: list[EvalItem] = []
     for lineno, row in enumerate(read_jsonl(path), 1):
         if limit and len(items) >= limit:
             break

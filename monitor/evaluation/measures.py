@@ -127,9 +127,9 @@ def measure(scorer: str, scores: torch.Tensor | None, decisions: torch.Tensor, l
         pairs = pair_measures(scores, decisions if has_decisions else None, labels, pair_ids)
     return Measures(
         scorer=scorer, n=len(labels), positives=n_pos, negatives=n_neg,
-        auroc=float(auroc(scores, labels)) if ranked else None,
-        tpr_at_1pct_fpr=float(tpr_at_fpr(scores, labels, FPR_POINTS[0])) if ranked else None,
-        tpr_at_5pct_fpr=float(tpr_at_fpr(scores, labels, FPR_POINTS[1])) if ranked else None,
+        auroc=float(auroc(scores, labels)) if ranked and scores is not None else None,
+        tpr_at_1pct_fpr=float(tpr_at_fpr(scores, labels, FPR_POINTS[0])) if ranked and scores is not None else None,
+        tpr_at_5pct_fpr=float(tpr_at_fpr(scores, labels, FPR_POINTS[1])) if ranked and scores is not None else None,
         decision=decision, flagged=int(decisions.sum()),
         precision=precision if bool(decisions.any()) else None,
         recall=recall if n_pos else None,

@@ -88,7 +88,8 @@ class RuleScorer:
                     key = ("latent", entry.latent) if entry.latent is not None else ("probe", leaf.feature)
                 if leaf.above is not None:
                     thr = float(leaf.above)
-                else:
+                else:  # an evidence leaf has exactly one of above / above_relative (never below)
+                    assert leaf.above_relative is not None
                     thr = float(leaf.above_relative) * float(catalog.get(leaf.feature).max_activation)
                 cols.append(column[key])
                 thrs.append(thr)
