@@ -58,6 +58,7 @@ demo: install
 	$(VENV)/bin/sae-monitor demo
 
 test: install system-deps
+	$(PY) -m mypy -p monitor
 	$(PY) -m pytest -q
 
 clean:
