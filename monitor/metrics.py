@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, Info
 
-from monitor import __version__
+from monitor.version import __version__
 from monitor.report import OUTCOMES, Report, ReportObserver
 
 if TYPE_CHECKING:

@@ -27,199 +27,36 @@ skip connection) is refused with the reason. Only the residual stream is hooked
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from monitor import sae_formats as formats
 from monitor.errors import SAEFormatError, SAEMismatchError
+from monitor.sae_config import (  # noqa: F401 - re-exported: monitor.sae is where users look
+    ARCHITECTURES,
+    GEMMASCOPE_PARAMS,
+    SAELENS_CFG,
+    SAELENS_FORMAT_VERSION,
+    SAELENS_WEIGHTS,
+    SPARSIFY_WEIGHTS,
+    Architecture,
+    Normalization,
+    SAEConfig,
+)
+from monitor.sae_hooks import check_layer_arg, check_residual_hook, placed  # noqa: F401
 
 if TYPE_CHECKING:
     from monitor.capture import HookPoint
 
-Architecture = Literal["relu", "jumprelu", "topk", "batchtopk"]
-ARCHITECTURES: tuple[str, ...] = ("relu", "jumprelu", "topk", "batchtopk")
-_ARCH_ALIASES = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk",
-                 "batchtopk": "batchtopk", "batch_topk": "batchtopk"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "torch.float32": torch.float32, "torch.float16": torch.float16,
            "torch.bfloat16": torch.bfloat16}
-Normalization = Literal["none", "constant_norm_rescale", "layer_norm"]
-
-SAELENS_CFG = "cfg.json"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
-SPARSIFY_WEIGHTS = "sae.safetensors"
-GEMMASCOPE_PARAMS = "params.npz"
 SHIPPED_DIR = Path(__file__).parent / "saes"
-# The SAELens config format we write (its loader rebuilds pre-6.0 configs and drops metadata).
-SAELENS_FORMAT_VERSION = "6.0.0"
-_RESIDUAL_HOOK = re.compile(r"blocks\.(\d+)\.hook_(resid_post|resid_pre)")
-# A decoder block itself (SAELens / Hugging Face / sparsify module names): its output.
-_BLOCK_MODULE = re.compile(r"(?:[A-Za-z_]+\.)*(?:blocks|layers|h)\.(\d+)")
-
-
-def check_residual_hook(hook_name: str, *, source: str | None = None) -> tuple[int, str]:
-    """``(layer, site)`` of a residual-stream hook name, or :class:`SAEFormatError` saying why not.
-
-    Accepts ``blocks.L.hook_resid_post`` / ``blocks.L.hook_resid_pre`` (SAELens) and a block's
-    module name (``model.layers.L``, ``layers.L``: its output, i.e. resid_post). Every other
-    site is refused: an SAE trained on the MLP output, attention or ``resid_mid`` would read
-    activations it was never trained on, and nothing downstream could tell.
-    """
-    match = _RESIDUAL_HOOK.fullmatch(hook_name)
-    if match:
-        return int(match.group(1)), match.group(2)
-    match = _BLOCK_MODULE.fullmatch(hook_name)
-    if match:
-        return int(match.group(1)), "resid_post"
-    lowered = hook_name.lower()
-    what = ("the residual stream between attention and MLP (resid_mid)" if "resid_mid" in lowered
-            else "the MLP" if "mlp" in lowered
-            else "attention" if any(s in lowered for s in ("attn", "hook_z", "attention", "hook_q",
-                                                           "hook_k", "hook_v"))
-            else "the embeddings" if "embed" in lowered
-            else "a site that is not the residual stream")
-    raise SAEFormatError(
-        f"{source + ': ' if source else ''}hook {hook_name!r} reads {what}; sae-monitor hooks only the residual stream "
-        "(blocks.L.hook_resid_post or blocks.L.hook_resid_pre), so this SAE would read "
-        "activations it was not trained on. Use an SAE trained on the residual stream."
-    )
-
-
-@dataclass(frozen=True)
-class SAEConfig:
-    """What an SAE is and where it reads. Mirrors SAELens's ``cfg.json``.
-
-    ``k`` is required for topk and batchtopk (for batchtopk it is the training k, kept for
-    the record). ``normalize_activations`` is applied per token at encode and undone at decode:
-    ``none`` (any constant scaling is folded into the weights), ``constant_norm_rescale``
-    (scale each token to norm sqrt(d_in)) or ``layer_norm``.
-    """
-
-    architecture: Architecture
-    d_in: int
-    d_sae: int
-    k: int | None = None
-    apply_b_dec_to_input: bool = False
-    normalize_activations: Normalization = "none"
-    model_name: str = ""
-    hook_name: str = ""
-    hook_layer: int | None = None
-    dtype: str = "float32"
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise SAEFormatError(
-                f"unknown SAE architecture {self.architecture!r}; valid: {', '.join(ARCHITECTURES)}"
-            )
-        if self.architecture in ("topk", "batchtopk") and not self.k:
-            raise SAEFormatError(f"a {self.architecture} SAE needs k in its config")
-        if self.normalize_activations not in ("none", "constant_norm_rescale", "layer_norm"):
-            raise SAEFormatError(
-                f"normalize_activations={self.normalize_activations!r} is not supported; fold a "
-                "constant scaling factor into the weights and use 'none', or use "
-                "'constant_norm_rescale' or 'layer_norm'"
-            )
-        if self.hook_name:
-            check_residual_hook(self.hook_name)
-
-    def to_saelens(self) -> dict[str, Any]:
-        """``cfg.json`` contents readable by SAELens (v5 and v6 keys both present).
-
-        batchtopk is written as SAELens's inference form, ``jumprelu`` with a threshold vector;
-        ``metadata.trained_architecture`` records the truth for us. ``metadata.sae_lens_version``
-        marks the file as SAELens 6 format: SAELens's loader rebuilds a config without it as a
-        pre-6.0 one, keeping only its own metadata keys (``max_input_norm`` would be lost).
-        """
-        from monitor import __version__
-
-        arch = {"relu": "standard", "batchtopk": "jumprelu"}.get(self.architecture, self.architecture)
-        metadata = {**self.metadata, "model_name": self.model_name, "hook_name": self.hook_name,
-                    "hook_layer": self.hook_layer, "trained_architecture": self.architecture,
-                    "sae_lens_version": SAELENS_FORMAT_VERSION,
-                    "sae_lens_training_version": self.metadata.get("sae_lens_training_version"),
-                    "written_by": f"sae-monitor {__version__}"}
-        if self.k:
-            metadata["k"] = self.k
-        cfg: dict[str, Any] = {
-            "architecture": arch, "d_in": self.d_in, "d_sae": self.d_sae, "dtype": self.dtype,
-            "device": "cpu", "apply_b_dec_to_input": self.apply_b_dec_to_input,
-            "normalize_activations": self.normalize_activations, "reshape_activations": "none",
-            "model_name": self.model_name, "hook_name": self.hook_name,
-            "hook_layer": self.hook_layer, "metadata": metadata,
-        }
-        if self.architecture == "topk":
-            cfg["k"] = self.k
-            cfg["activation_fn_kwargs"] = {"k": self.k}
-            cfg["rescale_acts_by_decoder_norm"] = False  # decoder norms are in the weights
-        return cfg
-
-    @classmethod
-    def from_saelens(cls, raw: dict[str, Any], source: str = "cfg.json") -> SAEConfig:
-        """Read a SAELens ``cfg.json`` (v5 or v6). Missing keys take SAELens's defaults
-        (``apply_b_dec_to_input`` is true there); non-residual hooks are refused."""
-        meta = dict(raw.get("metadata") or {})
-        arch_raw = str(meta.get("trained_architecture") or raw.get("architecture") or "standard")
-        if arch_raw not in _ARCH_ALIASES:
-            raise SAEFormatError(
-                f"{source}: unknown architecture {arch_raw!r}; valid: {', '.join(sorted(_ARCH_ALIASES))}"
-            )
-        arch = _ARCH_ALIASES[arch_raw]
-        if raw.get("activation_fn_str") == "topk" or raw.get("activation_fn") == "topk":
-            arch = "topk"
-        k = raw.get("k") or (raw.get("activation_fn_kwargs") or {}).get("k") or meta.get("k")
-        for key in ("d_in", "d_sae"):
-            if not isinstance(raw.get(key), int):
-                raise SAEFormatError(f"{source}: missing or non-integer '{key}'")
-        if raw.get("reshape_activations", "none") not in (None, "none"):
-            raise SAEFormatError(
-                f"{source}: reshape_activations={raw['reshape_activations']!r} marks an SAE on "
-                "attention heads (hook_z); sae-monitor hooks only the residual stream")
-        if raw.get("hook_head_index", meta.get("hook_head_index")) is not None:
-            raise SAEFormatError(f"{source}: hook_head_index is set, so this SAE reads one attention "
-                                 "head; sae-monitor hooks only the residual stream")
-        norm = raw.get("normalize_activations") or "none"
-        if norm is True:  # pre-6.0 SAELens booleans
-            norm = "expected_average_only_in"
-        if norm == "expected_average_only_in":
-            # SAELens folds this scaling factor into the weights when it saves a trained SAE.
-            norm = "none"
-        known = {"architecture", "d_in", "d_sae", "k", "apply_b_dec_to_input",
-                 "normalize_activations", "model_name", "hook_name", "hook_layer", "dtype",
-                 "metadata", "activation_fn_kwargs", "device", "reshape_activations",
-                 "rescale_acts_by_decoder_norm", "hook_head_index"}
-        extra = {k_: v for k_, v in raw.items() if k_ not in known}
-        dropped = {"trained_architecture", "sae_lens_version",
-                   "written_by", "hook_name", "hook_layer", "model_name", "k"}
-        hook_layer = raw.get("hook_layer", meta.get("hook_layer"))
-        try:
-            return cls(
-                architecture=cast(Architecture, arch), d_in=raw["d_in"], d_sae=raw["d_sae"],
-                k=int(k) if k else None,
-                apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
-                normalize_activations=cast(Normalization, norm),
-                model_name=str(raw.get("model_name") or meta.get("model_name") or ""),
-                hook_name=str(raw.get("hook_name") or meta.get("hook_name") or ""),
-                hook_layer=_layer_number(hook_layer, source),
-                dtype=str(raw.get("dtype") or "float32").replace("torch.", ""),
-                metadata={**{k_: v for k_, v in meta.items() if k_ not in dropped}, **extra},
-            )
-        except SAEFormatError as exc:
-            message = str(exc)
-            raise SAEFormatError(message if message.startswith(source) else f"{source}: {message}") from None
-
-
-def _layer_number(value: Any, source: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise SAEFormatError(f"{source}: hook_layer must be a non-negative integer, got {value!r}")
-    return value
 
 
 class SubsetEncoder:
@@ -374,28 +211,30 @@ class SAE(nn.Module):
         sparsify directory, a Gemma Scope ``params.npz`` outside its ``layer_N`` folder) or
         say it wrongly; they take precedence over what the files say.
         """
-        from monitor import sae_formats as formats
-
         path = Path(path)
-        layer = _check_layer_arg(layer, hook)
+        layer = check_layer_arg(layer, hook)
         if path.is_file() and path.suffix == ".npz":
-            sae = formats.load_gemmascope(path, dtype, layer)
+            cfg, tensors = formats.load_gemmascope(path, layer)
         elif not path.is_dir():
             raise SAEFormatError(f"{path}: no such SAE directory. Pass a directory holding "
                                  f"{SAELENS_CFG} + {SAELENS_WEIGHTS}, or 'default'.")
         elif (path / SAELENS_WEIGHTS).is_file():
-            sae = formats.load_saelens(path, dtype)
+            cfg, tensors = formats.load_saelens(path)
         elif (path / SPARSIFY_WEIGHTS).is_file():
-            sae = formats.load_sparsify(path, dtype, layer)
+            cfg, tensors = formats.load_sparsify(path, layer)
         elif (path / GEMMASCOPE_PARAMS).is_file():
-            sae = formats.load_gemmascope(path / GEMMASCOPE_PARAMS, dtype, layer)
+            cfg, tensors = formats.load_gemmascope(path / GEMMASCOPE_PARAMS, layer)
         else:
             raise SAEFormatError(
                 f"{path}: no SAE weights found; expected {SAELENS_WEIGHTS} (SAELens), "
                 f"{SPARSIFY_WEIGHTS} (sparsify) or {GEMMASCOPE_PARAMS} (Gemma Scope)"
             )
         if hook is not None or layer is not None:
-            sae.cfg = _placed(sae.cfg, hook, layer)
+            cfg = placed(cfg, hook, layer)
+        sae = cls(cfg, dtype=dtype or tensors["W_enc"].dtype)
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                getattr(sae, name).copy_(tensor)
         sae.source_path = path
         return sae
 
@@ -427,36 +266,6 @@ def load_sae(name_or_path: str | Path = "default", *, dtype: torch.dtype | None 
             "(pip install -e .) or pass --sae PATH"
         )
     return SAE.load(name_or_path, dtype=dtype, hook=hook, layer=layer)
-
-
-def _check_layer_arg(layer: int | None, hook: str | None) -> int | None:
-    """The layer the caller asked for (``layer``, else the one in a full ``hook`` name)."""
-    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
-        raise SAEFormatError(f"layer= must be a non-negative integer, got {layer!r}")
-    if hook is None or hook in ("resid_post", "resid_pre"):
-        return layer
-    found, _site = check_residual_hook(hook, source="hook=")
-    if layer is not None and layer != found:
-        raise SAEFormatError(f"hook={hook!r} names layer {found} but layer={layer} was passed; "
-                             "pass one of them")
-    return found
-
-
-def _placed(cfg: SAEConfig, hook: str | None, layer: int | None) -> SAEConfig:
-    """``cfg`` reading at ``hook`` / ``layer`` (given by the caller, so they win)."""
-    site = "resid_post"
-    if hook in ("resid_post", "resid_pre"):
-        site = hook
-    elif hook is not None:
-        site = check_residual_hook(hook)[1]
-    elif cfg.hook_name:
-        site = check_residual_hook(cfg.hook_name)[1]
-    if layer is None:
-        if not cfg.hook_name and cfg.hook_layer is None:
-            raise SAEFormatError(f"hook={hook!r} names no layer and the SAE's config has none; "
-                                 "pass layer= too")
-        layer = cfg.hook_layer if cfg.hook_layer is not None else check_residual_hook(cfg.hook_name)[0]
-    return replace(cfg, hook_name=f"blocks.{layer}.hook_{site}", hook_layer=layer)
 
 
 # --------------------------------------------------------------------- metrics

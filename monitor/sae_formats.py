@@ -1,8 +1,9 @@
-"""Readers of the on-disk SAE layouts, each converted into one :class:`~monitor.sae.SAE`.
+"""Readers of the on-disk SAE layouts, each converted into one canonical (config, tensors) pair.
 
 Part of the SAE stage (hook -> **SAE encode** -> policy engine -> actions). Every third-party
 layout is turned into the same weights (``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec``,
-``b_dec``, ``threshold``) and config, so the encoder sees one format:
+``b_dec``, ``threshold``) and :class:`~monitor.sae_config.SAEConfig`, checked for presence,
+shape and finiteness, so :class:`~monitor.sae.SAE` sees one format:
 
 * SAELens (``cfg.json`` + ``sae_weights.safetensors``, v5 and v6 keys). A ``topk`` SAE saved
   with ``rescale_acts_by_decoder_norm: true`` encodes ``topk((x W_enc + b_enc) * |W_dec|)``;
@@ -27,7 +28,10 @@ from typing import Any
 import torch
 
 from monitor.errors import SAEFormatError
-from monitor.sae import SAE, SAELENS_CFG, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, SAEConfig
+from monitor.sae_config import SAELENS_CFG, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, SAEConfig
+from monitor.sae_hooks import check_residual_hook
+
+Loaded = tuple[SAEConfig, dict[str, torch.Tensor]]
 
 _GEMMASCOPE_LAYER = re.compile(r"^layer_(\d+)(?:_|$)")
 _GEMMASCOPE_REPO = re.compile(r"gemma-scope-.*?-(res|mlp|att|attn|transcoders?)(?:-canonical)?$")
@@ -58,9 +62,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise SAEFormatError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def assemble(cfg: SAEConfig, tensors: dict[str, torch.Tensor], source: Path,
-             dtype: torch.dtype | None) -> SAE:
-    """An :class:`SAE` from canonical tensors, each checked for presence, shape and finiteness."""
+def checked(cfg: SAEConfig, tensors: dict[str, torch.Tensor], source: Path) -> Loaded:
+    """``(cfg, tensors)`` with exactly the canonical tensors, each checked for presence, shape
+    and finiteness (errors name ``source``, the tensor and both shapes)."""
     expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,),
                 "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
     if cfg.architecture in ("jumprelu", "batchtopk"):
@@ -76,12 +80,7 @@ def assemble(cfg: SAEConfig, tensors: dict[str, torch.Tensor], source: Path,
             )
         if not torch.isfinite(tensors[name].float()).all():
             raise SAEFormatError(f"{source}: tensor '{name}' contains NaN or infinite values")
-    stored = tensors["W_enc"].dtype
-    sae = SAE(cfg, dtype=dtype or stored)
-    with torch.no_grad():
-        for name in expected:
-            getattr(sae, name).copy_(tensors[name])
-    return sae
+    return cfg, {name: tensors[name] for name in expected}
 
 
 def fold_decoder_norm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -105,7 +104,7 @@ def fold_decoder_norm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 # --------------------------------------------------------------------- SAELens
-def load_saelens(path: Path, dtype: torch.dtype | None) -> SAE:
+def load_saelens(path: Path) -> Loaded:
     source = path / SAELENS_CFG
     raw = read_json(source)
     cfg = SAEConfig.from_saelens(raw, str(source))
@@ -117,11 +116,11 @@ def load_saelens(path: Path, dtype: torch.dtype | None) -> SAE:
     if rescale and cfg.architecture == "topk" and "W_dec" in tensors:
         # SAELens reads the flag only for topk (its other configs drop the key), so do we.
         tensors = fold_decoder_norm(tensors)
-    return assemble(cfg, tensors, path / SAELENS_WEIGHTS, dtype)
+    return checked(cfg, tensors, path / SAELENS_WEIGHTS)
 
 
 # --------------------------------------------------------------------- sparsify
-def load_sparsify(path: Path, dtype: torch.dtype | None, layer: int | None = None) -> SAE:
+def load_sparsify(path: Path, layer: int | None = None) -> Loaded:
     """A sparsify TopK SAE; its hookpoint comes from the directory name or ``layer``."""
     source = path / SAELENS_CFG
     raw = read_json(source)
@@ -155,7 +154,7 @@ def load_sparsify(path: Path, dtype: torch.dtype | None, layer: int | None = Non
                     metadata={"source_format": "sparsify", "hookpoint": path.name, **raw})
     remapped = {"W_enc": tensors["encoder.weight"].T, "b_enc": tensors.get("encoder.bias"),
                 "W_dec": tensors.get("W_dec"), "b_dec": tensors.get("b_dec")}
-    return assemble(cfg, {k: v for k, v in remapped.items() if v is not None}, path / SPARSIFY_WEIGHTS, dtype)
+    return checked(cfg, {k: v for k, v in remapped.items() if v is not None}, path / SPARSIFY_WEIGHTS)
 
 
 def sparsify_hook_name(path: Path, layer: int | None) -> str:
@@ -165,8 +164,6 @@ def sparsify_hook_name(path: Path, layer: int | None) -> str:
     residual stream after that block. Submodules (``layers.12.mlp``) are refused; a directory
     renamed to something without a layer needs ``layer=``.
     """
-    from monitor.sae import check_residual_hook
-
     name = path.name
     if re.fullmatch(r"(?:[A-Za-z_]+\.)*\d+", name):
         hook = check_residual_hook(name, source=str(path))
@@ -185,7 +182,7 @@ def sparsify_hook_name(path: Path, layer: int | None) -> str:
 
 
 # --------------------------------------------------------------------- Gemma Scope
-def load_gemmascope(path: Path, dtype: torch.dtype | None, layer: int | None = None) -> SAE:
+def load_gemmascope(path: Path, layer: int | None = None) -> Loaded:
     """A Gemma Scope JumpReLU ``params.npz``, at ``layer`` or the ``layer_N`` of its path."""
     import numpy as np
 
@@ -213,7 +210,7 @@ def load_gemmascope(path: Path, dtype: torch.dtype | None, layer: int | None = N
     cfg = SAEConfig(architecture="jumprelu", d_in=int(d_in), d_sae=int(d_sae),
                     hook_name=f"blocks.{at}.hook_resid_post", hook_layer=at,
                     metadata={"source_format": "gemmascope"})
-    return assemble(cfg, tensors, path, dtype)
+    return checked(cfg, tensors, path)
 
 
 def gemmascope_layer(path: Path) -> int | None:

@@ -198,3 +198,23 @@ def monitor_blocking_at(model: Any, tokenizer: Any, sequence: torch.Tensor, prom
     policy = compiled_policy(rule_yaml(above=threshold), d_sae=sae.cfg.d_sae)
     options.setdefault("self_test", False)
     return Monitor(model, tokenizer, sae=sae, policies=policy, **options), index, threshold
+
+
+def failing_sae(kind: str = "raise", layer: int = 2) -> SAE:
+    """A tied SAE whose encoder fails: ``"raise"`` raises ``RuntimeError("SAE exploded")``,
+    ``"nan"`` returns NaN activations. For testing ``on_error`` handling."""
+    from monitor.sae import SAE as BaseSAE
+
+    class Failing(BaseSAE):
+        def subset_encoder(self, latents: Any) -> Any:
+            if kind == "nan":
+                return lambda x: torch.full(x.shape[:-1] + (len(latents),), float("nan"))
+
+            def boom(x: torch.Tensor) -> torch.Tensor:
+                raise RuntimeError("SAE exploded")
+            return boom
+
+    template = tied_sae(layer)
+    sae = Failing(template.cfg)
+    sae.load_state_dict(template.state_dict())
+    return sae

@@ -16,11 +16,12 @@ import re
 import types
 import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from monitor.yaml_source import Loc, Position, YamlSource
+if TYPE_CHECKING:  # only types: this module needs nothing of the loader at run time
+    from monitor.yaml_source import Loc, Position, YamlSource
 
 
 def suggest(word: str, choices: Sequence[str], n: int = 1) -> list[str]:

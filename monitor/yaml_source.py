@@ -56,6 +56,18 @@ class Position:
     column: int
 
 
+@dataclass(frozen=True)
+class SourceRef:
+    """Where something was defined: ``path:line:column`` (1-based)."""
+
+    path: str
+    line: int
+    column: int
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}:{self.column}"
+
+
 class YamlDocumentError(MonitorError):
     """A YAML file cannot be used; ``message`` names the file and, where known, line:column.
 
@@ -249,10 +261,9 @@ class _LimitedLoader(yaml.SafeLoader):
         self._added += size
         if self._added > self._max_alias:
             raise self._refuse(event.start_mark, (
-                f"aliases ('*name' references) expand this document by more than "
-                f"{self._max_alias:,} values (limit {self._max_alias:,}); a document that grows "
-                f"like this from aliases is refused (an alias bomb): write the values out or use "
-                f"fewer aliases"))
+                f"aliases ('*name' references) would add more than {self._max_alias:,} values "
+                f"to this document, the limit; a document that grows like this from aliases is "
+                f"refused (an alias bomb): write the values out or use fewer aliases"))
         if self._depth + self._height[id(target)] > self._max_depth:
             raise self._refuse(event.start_mark, self._too_deep())
 

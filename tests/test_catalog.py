@@ -171,3 +171,18 @@ def test_save_round_trip_keeps_probe_files(catalog, tmp_path):
     assert load_catalog(in_place).probe("sycophancy.other_file")[1] == 2.0
     catalog.save(tmp_path / "cat.yaml")
     assert load_catalog(tmp_path / "cat.yaml") == catalog
+
+
+def test_hostile_yaml_and_booleans_are_refused_with_their_line(tmp_path):
+    from tests.test_yaml_source import ALIAS_BOMB
+
+    with pytest.raises(CatalogError, match=r"cat\.yaml:7:8: aliases \('\*name' references\) "
+                                           "would add more than 10,000 values"):
+        load_catalog(write(tmp_path, "sae: x\nlayer: 1\n" + ALIAS_BOMB))
+    with pytest.raises(CatalogError, match=r"cat\.yaml:3:\d+: nested more than 64 levels"):
+        load_catalog(write(tmp_path, "sae: x\nlayer: 1\nfeatures: " + "[" * 500 + "]" * 500))
+    with pytest.raises(CatalogError) as err:
+        load_catalog(write(tmp_path, "sae: x\nlayer: yes\nfeatures:\n  - {name: a, latent: true}\n"))
+    text = str(err.value)
+    assert "cat.yaml:2:8: layer: got true, a boolean, where a number belongs" in text
+    assert "cat.yaml:4:23: features[0] (name: a).latent: got true, a boolean" in text

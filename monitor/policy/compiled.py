@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from monitor.policy.loader import SourceRef
+from monitor.yaml_source import SourceRef
 
 StepScope = Literal["prompt", "response"]
 SCOPES: tuple[StepScope, ...] = ("prompt", "response")

@@ -41,7 +41,8 @@ from monitor.policy.schema import PolicyFile, Rule
 from monitor.policy.tree import walk_conditions as walk_conditions  # noqa: F401 - old path
 from monitor.yaml_messages import (duplicate_key_messages, located, sort_messages,
                                    validation_messages)
-from monitor.yaml_source import DocumentKind, Loc, YamlDocumentError, YamlSource, load_document
+from monitor.yaml_source import (DocumentKind, Loc, SourceRef, YamlDocumentError, YamlSource,
+                                 load_document)
 
 if TYPE_CHECKING:
     from monitor.catalog import Catalog
@@ -52,18 +53,6 @@ MAX_POLICY_BYTES = 1024 * 1024
 """Largest policy file accepted (1 MiB: hundreds of rules; a 7 MB file took 45 s and 1.4 GB)."""
 POLICY_FILE = DocumentKind(what="policy file", needs="'version' and 'rules'",
                            keys="'version' and 'rules'", max_bytes=MAX_POLICY_BYTES)
-
-
-@dataclass(frozen=True)
-class SourceRef:
-    """Where something was defined: ``path:line:column`` (1-based)."""
-
-    path: str
-    line: int
-    column: int
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}:{self.column}"
 
 
 @dataclass(frozen=True)
@@ -118,10 +107,18 @@ class PolicySet:
 
 
 def _version_id(files: Sequence[LoadedFile], rules: Sequence[Rule]) -> str:
-    doc = {"versions": [f.version for f in files],
-           "rules": [r.model_dump(mode="json", by_alias=True) for r in rules]}
+    doc = {"versions": [f.version for f in files], "rules": [_hashed(r) for r in rules]}
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _hashed(rule: Rule) -> dict:
+    """The rule as hashed: ``allow_always_true`` only when set, so ids from before the key
+    existed do not change."""
+    data = rule.model_dump(mode="json", by_alias=True)
+    if not data.get("allow_always_true"):
+        data.pop("allow_always_true", None)
+    return data
 
 
 def policy_files(paths: str | Path | Sequence[str | Path]) -> tuple[list[Path], list[str]]:

@@ -67,17 +67,12 @@ Steering a *probe* feature moves the residual along the probe direction rather t
 decoder row; that must be asked for explicitly with ``along_direction: true``.
 
 A condition that holds on every monitored token whatever the model does is almost always a
-mistake: SAE latents are never negative, so ``{latent: 4711, above: -5}`` is always true, and in an
-``enforce`` rule it would block or steer every request. Such a rule is refused with the reason
-(when it is bound to the SAE, where a catalog feature's kind is known) unless it says so::
-
-    allow_always_true: true      # yes, act on every monitored token (e.g. a test fixture)
-
-The check covers SAE latents only (a probe's score has no known range); a condition that can
-never be true (``below: 0`` on a latent) does no harm and is accepted.
-
-Numbers are numbers: ``latent: true`` is refused, not read as latent 1 (YAML reads
-true/false/yes/no/on/off as booleans). To walk a condition tree use :mod:`monitor.policy.tree`.
+mistake: SAE latents are never negative, so ``{latent: 4711, above: -5}`` is always true, and an
+``enforce`` rule would block or steer every request. Such a rule is refused with the reason (see
+:mod:`monitor.policy.checks`; SAE latents only, a probe's score has no known range) unless the
+rule says ``allow_always_true: true``. A condition that can never be true does no harm.
+Numbers are numbers: ``latent: true`` is refused, not read as latent 1. To walk a condition
+tree use :mod:`monitor.policy.tree`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from __future__ import annotations
 from monitor.serve.admin import ReloadSignal, check_admin, install_reload_signal
 from monitor.serve.app import MODEL_ALIASES, create_app
 from monitor.serve.chat import AuditUnavailable, ChatService, GenerationControl
-from monitor.serve.limits import BodyLimit, ServeLimits
+from monitor.serve.limits import BodyLimit, ServeConfigError, ServeLimits
 from monitor.serve.runner import ServerThread, run, serve_model
 from monitor.serve.schema import APIError, ChatCompletionRequest
 
@@ -31,6 +31,7 @@ __all__ = [
     "GenerationControl",
     "MODEL_ALIASES",
     "ReloadSignal",
+    "ServeConfigError",
     "ServeLimits",
     "ServerThread",
     "check_admin",

@@ -15,11 +15,17 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from monitor.errors import MonitorError
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ServeConfigError(MonitorError, ValueError):
+    """A service limit is not a positive integer, or the limits contradict each other."""
 
 
 @dataclass(frozen=True)
@@ -39,18 +45,21 @@ class ServeLimits:
     max_tokens_limit: int = 4096
     max_concurrent: int = 1
 
+    FIELDS = ("max_body_bytes", "max_prompt_tokens", "default_max_tokens", "max_tokens_limit",
+              "max_concurrent")
+
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "default_max_tokens", "max_tokens_limit", "max_concurrent"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ServeConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_prompt_tokens is not None and (isinstance(self.max_prompt_tokens, bool)
                                                    or not isinstance(self.max_prompt_tokens, int)
                                                    or self.max_prompt_tokens < 1):
-            raise ValueError(f"max_prompt_tokens must be a positive integer or None, got "
+            raise ServeConfigError(f"max_prompt_tokens must be a positive integer or None, got "
                              f"{self.max_prompt_tokens!r}")
         if self.default_max_tokens > self.max_tokens_limit:
-            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds "
+            raise ServeConfigError(f"default_max_tokens ({self.default_max_tokens}) exceeds "
                              f"max_tokens_limit ({self.max_tokens_limit})")
 
 

@@ -23,6 +23,7 @@ from monitor.metrics import MonitorMetrics
 from monitor.report import policy_store
 from monitor.serve.admin import ReloadSignal
 from monitor.serve.app import create_app
+from monitor.serve.limits import ServeLimits
 from monitor.runtime.hf import Monitor
 
 _log = structlog.get_logger("sae_monitor")
@@ -121,6 +122,9 @@ def serve_model(model: str = "default", *, sae: str = "default",
 
     if json_logs:
         configure_json_logging(level=log_level, log_text=log_text)
+    # checked before the (slow) load: contradictory limits fail in a second, not after it
+    limits = app_options.pop("limits", None) or ServeLimits(
+        **{name: app_options.pop(name) for name in ServeLimits.FIELDS if name in app_options})
     reload: ReloadSignal | bool = False
     if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
         reload = ReloadSignal().install()  # before the (slow) load: SIGHUP must never kill us
@@ -149,7 +153,7 @@ def serve_model(model: str = "default", *, sae: str = "default",
     try:
         run(host, port, monitor=monitor, model_name=name, log_level=log_level,
             report_logger=ReportLogger(log_text=log_text), audit_trail=trail,
-            reload_signal=reload, **app_options)
+            reload_signal=reload, limits=limits, **app_options)
     finally:
         if store is not None:
             store.stop()

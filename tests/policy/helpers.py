@@ -63,3 +63,8 @@ def columns(policy: CompiledPolicy, acts: torch.Tensor) -> torch.Tensor:
     """Select ``policy.features`` columns from full latent activations ``acts[..., d_sae]``."""
     assert all(f.kind == "latent" for f in policy.features)
     return acts.index_select(-1, policy.latent_indices)
+
+
+def ones(batch: int, tokens: int) -> torch.Tensor:
+    """An all-True mask ``[batch, tokens]``."""
+    return torch.ones(batch, tokens, dtype=torch.bool)

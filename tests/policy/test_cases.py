@@ -1,4 +1,6 @@
-"""Policy test cases: the *.tests.yaml format (errors at file:line:column) and the runner."""
+"""Policy test cases: the *.tests.yaml format (errors at file:line:column), no model needed.
+
+Running cases through a model is tested in tests/runtime/test_policy_tests.py."""
 
 from __future__ import annotations
 
@@ -7,20 +9,16 @@ from pathlib import Path
 import pytest
 
 from monitor.errors import PolicyError
-from monitor.policy import compile_policies
-from monitor.policy.cases import Case, CaseFile, find_case_files, load_case_file, load_case_files
+from monitor.policy.cases import Case, find_case_files, load_case_file, load_case_files
 from monitor.policy.loader import SourceRef
-from monitor.runtime.policy_tests import run_cases
 from monitor.sae import SAE
-from monitor.runtime.hf import Monitor
-from monitor.testing import tied_sae, tiny_model
+from monitor.yaml_source import MAX_DEPTH
+from monitor.testing import tied_sae
 from tests.policy.helpers import write
+from tests.test_yaml_source import ALIAS_BOMB
 
 LAYER = 2
 D_SAE = 16
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                 "<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 # A ReLU latent is >= 0, so `above: -1.0` fires on every monitored token and `above: 1e9` never
 # (an enforce rule must say `allow_always_true: true` for that).
@@ -67,28 +65,6 @@ cases:
 
 def make_sae() -> SAE:
     return tied_sae(LAYER, d_sae=D_SAE)
-
-
-@pytest.fixture(scope="module")
-def model_and_sae():
-    return tiny_model("llama"), make_sae()
-
-
-@pytest.fixture
-def monitor_for(model_and_sae, tiny_tokenizer):
-    """A Monitor on the tiny model running the policy of a CaseFile; closed after the test."""
-    made: list[Monitor] = []
-
-    def build(case_file: CaseFile, tokenizer=None) -> Monitor:
-        model, sae = model_and_sae
-        policy = compile_policies(case_file.policy_set, None, d_sae=D_SAE)
-        mon = Monitor(model, tokenizer or tiny_tokenizer, sae=sae, policies=policy, self_test=False)
-        made.append(mon)
-        return mon
-
-    yield build
-    for mon in made:
-        mon.close()
 
 
 def problems(path: Path, **kwargs) -> list[str]:
@@ -228,88 +204,25 @@ def test_find_case_files(tmp_path):
     assert "holds no policy or test files" in find_case_files(tmp_path / "sub").errors[0]
 
 
-# ---------------------------------------------------------------------------- running
+# ---------------------------------------------------------------------------- hostile files
 
 
-def test_passing_and_failing_cases_on_a_tiny_model(tmp_path, monitor_for):
+def test_alias_bombs_and_deep_nesting_in_test_files_are_refused_with_their_line(tmp_path):
     write(tmp_path, "code.yaml", POLICY)
-    loaded = load_case_file(write(tmp_path, "code.tests.yaml", TESTS), d_sae=D_SAE)
-    mon = monitor_for(loaded)
-    passing, failing = run_cases(mon, loaded.cases, policy_set=loaded.policy_set)
-
-    assert passing.passed and passing.failures == () and passing.outcome == "blocked"
-    assert set(passing.fired) == {"code.always_block"}
-    firing = passing.fired["code.always_block"]
-    assert firing.hits > 0 and firing.first_scope == "response" and firing.feature == "latent:0"
-
-    assert not failing.passed and failing.outcome == "blocked"
-    assert failing.fired["code.shadow"].first_scope == "prompt"
-    never, outcome = failing.failures
-    # The rule that did not fire is named, with the peak of its feature against the threshold.
-    assert never.startswith("expected rule 'code.never' to fire; it did not: latent:3 peaked at ")
-    assert never.endswith("(threshold above 1e+09)")
-    assert outcome.startswith("expected outcome allowed, got blocked (blocked by rule "
-                              "'code.always_block' at response token ")
+    bomb = write(tmp_path, "code.tests.yaml", TESTS + ALIAS_BOMB)
+    (error,) = problems(bomb)
+    assert error.startswith(f"{bomb}:{TESTS.count(chr(10)) + 5}:8: aliases ('*name' references) would add more than")
+    deep = write(tmp_path, "code.tests.yaml", "cases: " + "[" * 3000 + "]" * 3000 + "\n")
+    (error,) = problems(deep)
+    assert error.startswith(f"{deep}:1:{8 + MAX_DEPTH - 1}: nested more than {MAX_DEPTH} levels")
 
 
-def test_a_rule_that_must_not_fire_reports_its_hits(tmp_path, monitor_for):
+def test_a_broken_link_named_like_a_test_file_is_found_and_reported(tmp_path):
     write(tmp_path, "code.yaml", POLICY)
-    loaded = load_case_file(write(tmp_path, "code.tests.yaml", """\
-        cases:
-          - name: should be quiet
-            text: hello world
-            expect: {not_triggers: [code.always_block]}
-        """))
-    (result,) = run_cases(monitor_for(loaded), loaded.cases, policy_set=loaded.policy_set)
-    (reason,) = result.failures
-    hits = result.fired["code.always_block"].hits
-    assert reason.startswith(f"rule 'code.always_block' fired but must not: {hits} hit(s), "
-                             "first at response token ")
-    assert "peak latent:0 = " in reason and reason.endswith("(threshold above -1)")
-
-
-def test_steered_outcome_and_chat_messages(tmp_path, monitor_for):
-    write(tmp_path, "s.yaml", """\
-        version: 1
-        rules:
-          - id: s.steer
-            description: steer everywhere
-            severity: low
-            scope: response
-            when: {latent: 0, above: -1.0}
-            allow_always_true: true
-            actions: [{steer: {latent: 0, scale: 0.5}}]
-        """)
-    loaded = load_case_file(write(tmp_path, "s.tests.yaml", """\
-        cases:
-          - name: chat is steered
-            messages:
-              - {role: user, content: "hello"}
-              - {role: assistant, content: "hi there"}
-            expect: {triggers: [s.steer], outcome: steered}
-        """))
-    tok = _chat_tokenizer()
-    (result,) = run_cases(monitor_for(loaded, tok), loaded.cases, policy_set=loaded.policy_set)
-    assert result.passed, result.failures
-    # Without a chat template the case fails with a reason instead of raising.
-    (no_template,) = run_cases(monitor_for(loaded), loaded.cases)
-    assert not no_template.passed and no_template.outcome is None
-    assert no_template.failures[0].startswith("could not scan the case: ")
-
-
-def test_expected_rules_missing_from_the_monitor_policy_fail_the_case(tmp_path, monitor_for):
-    write(tmp_path, "code.yaml", POLICY)
-    loaded = load_case_file(write(tmp_path, "code.tests.yaml", TESTS))
-    case = Case(name="x", source=SourceRef("t.yaml", 1, 1), triggers=("gone",),
-                not_triggers=("also.gone",), text="hi")
-    (result,) = run_cases(monitor_for(loaded), [case])
-    assert result.failures == ("rule 'gone' is not in the policy under test",
-                               "rule 'also.gone' is not in the policy under test")
-
-
-def _chat_tokenizer():
-    from monitor.testing import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    link = tmp_path / "code.tests.yaml"
+    link.symlink_to(tmp_path / "moved.tests.yaml")
+    found = find_case_files([tmp_path])
+    assert found.case_files == (link,) and found.untested == ()
+    assert find_case_files(tmp_path / "code.yaml").case_files == (link,)
+    (error,) = problems(link)
+    assert error.startswith(f"{link}: broken symbolic link to ")

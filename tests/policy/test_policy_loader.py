@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,68 @@ def test_write_json_schema_matches_committed_bytes(tmp_path):
     write_json_schema(tmp_path / "schema.json")
     committed = (REPO / "policies" / "schema.json").read_bytes()
     assert (tmp_path / "schema.json").read_bytes() == committed
+
+
+# ---------------------------------------------------------------------------- hostile files
+
+
+def test_alias_bomb_is_refused_with_its_line(tmp_path):
+    from tests.test_yaml_source import ALIAS_BOMB
+
+    errors = problems(tmp_path, "version: 1\nrules: []\n" + ALIAS_BOMB)
+    assert errors == [f"{tmp_path / 'p.yaml'}:7:8: aliases ('*name' references) would add more "
+                      "than 10,000 values to this document, the limit; a document that grows like "
+                      "this from aliases is refused (an alias bomb): write the values out or use "
+                      "fewer aliases"]
+
+
+def test_deeply_nested_conditions_are_refused_with_their_line(tmp_path):
+    chain = "{not: " * 3000 + "{latent: 1, above: 1}" + "}" * 3000  # was a RecursionError
+    (error,) = problems(tmp_path, rule(when=chain))
+    # the file, `rules` and the rule are 3 levels, so the 62nd `{not:` is the 65th (col 11 + 6*61)
+    assert error.startswith(f"{tmp_path / 'p.yaml'}:6:377: nested more than 64 levels of "
+                            "mappings and lists deep (limit 64)")
+
+
+def test_oversized_policy_file_names_its_size_and_the_limit(tmp_path):
+    padding = "# " + "x" * 78 + "\n"
+    text = rule() + padding * (1024 * 1024 // len(padding) + 1)
+    errors = problems(tmp_path, text)
+    size = len(text.encode())
+    assert errors == [f"{tmp_path / 'p.yaml'}: policy file is {size:,} bytes, over the limit of "
+                      "1,048,576 bytes; split it into smaller files"]
+
+
+@pytest.mark.parametrize("when, actions, where", [
+    ("{latent: true, above: 1}", "[log]", ":6:20:"),
+    ("{latent: 1, above: yes}", "[log]", ":6:30:"),
+    ("{latent: 1, above: 1, aggregate: {consecutive: {tokens: on}}}", "[log]", ":6:67:"),
+    ("{latent: 1, above: 1}", "[{steer: {latent: false, clamp: 0}}]", ":7:32:"),
+    ("{latent: 1, above: 1}", "[{steer: {latent: 1, scale: true}}]", ":7:42:"),
+])
+def test_booleans_are_not_numbers(tmp_path, when, actions, where):
+    (error,) = problems(tmp_path, rule(when=when, actions=actions))
+    assert where in error and "a boolean, where a number belongs" in error, error
+
+
+def test_unreadable_entries_of_a_policy_directory_are_errors_not_omissions(tmp_path):
+    write(tmp_path, "a.yaml", rule())
+    (tmp_path / "dangling.yaml").symlink_to(tmp_path / "gone.yaml")
+    (tmp_path / "loop.yml").symlink_to(tmp_path / "loop.yml")
+    os.mkfifo(tmp_path / "fifo.yaml")
+    (tmp_path / "sub.yaml").mkdir()
+    with pytest.raises(PolicyError) as err:
+        load_policies(tmp_path)
+    assert [e.split(": ", 1)[0] for e in err.value.errors] == [
+        str(tmp_path / n) for n in ("dangling.yaml", "fifo.yaml", "loop.yml", "sub.yaml")]
+    text = "\n".join(err.value.errors)
+    assert f"broken symbolic link to '{tmp_path / 'gone.yaml'}'" in text
+    assert "symbolic link loop" in text and "not a regular file" in text
+    assert "is a directory, not a policy file" in text
+    with pytest.raises(PolicyError, match="broken symbolic link"):
+        load_policies(tmp_path / "dangling.yaml")  # named directly too
+
+
+def test_version_ids_of_existing_policies_are_unchanged(tmp_path):
+    # Computed with the loader before `allow_always_true` existed; audit logs key on it.
+    assert load_policies(write(tmp_path, "p.yaml", EXAMPLE)).version_id == "1a9bc5690527f10a"

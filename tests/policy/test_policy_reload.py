@@ -85,3 +85,27 @@ def test_watch_reloads_on_change_and_stops(tmp_path):
         assert done.wait(5.0)
         assert not results[-1].ok and store.version_id == results[0].version_id
     assert store._thread is None
+
+
+@pytest.mark.parametrize("break_it", ["dangling", "loop", "fifo"])
+def test_a_file_turned_into_a_broken_link_fails_the_reload_and_keeps_its_rules(tmp_path, break_it):
+    write(tmp_path, "a.yaml", GOOD % "1.0")
+    second = write(tmp_path, "b.yaml", GOOD.replace("id: r", "id: b") % "2.0")
+    store = PolicyStore(tmp_path, None, 16)
+    first = store.current
+    assert [r.id for r in first.rules] == ["r", "b"]
+    second.unlink()
+    if break_it == "dangling":
+        second.symlink_to(tmp_path / "moved-away.yaml")
+    elif break_it == "loop":
+        second.symlink_to(second)
+    else:
+        os.mkfifo(second)
+    change = store.check_for_changes()  # the watcher sees the entry change
+    assert change is not None and not change.ok
+    assert f"{second}: " in (change.error or "")
+    assert store.current is first and [r.id for r in store.current.rules] == ["r", "b"]
+    second.unlink()
+    write(tmp_path, "b.yaml", GOOD.replace("id: r", "id: b") % "3.0")
+    fixed = store.reload()
+    assert fixed.ok and fixed.changed and [r.id for r in store.current.rules] == ["r", "b"]

@@ -15,8 +15,7 @@ from transformers.generation.streamers import BaseStreamer
 from monitor.errors import MonitorError
 from monitor.policy import CompiledPolicy
 from monitor.runtime.hf import Monitor
-from monitor.sae import SAE
-from monitor.testing import compiled_policy, monitor_blocking_at, rule_yaml, tied_sae
+from monitor.testing import compiled_policy, failing_sae, monitor_blocking_at, rule_yaml, tied_sae
 
 GEN = dict(max_new_tokens=8, do_sample=False)
 
@@ -100,17 +99,9 @@ def test_stream_never_releases_the_firing_token_while_the_block_is_being_recorde
     mon.close()
 
 
-class Exploding(SAE):
-    def subset_encoder(self, latents):
-        def boom(x):
-            raise RuntimeError("SAE exploded")
-        return boom
-
-
 def test_fail_open_stream_serves_the_whole_reply(setup):
     model, tok, prompt, plain = setup
-    sae = Exploding(tied_sae().cfg)
-    sae.load_state_dict(tied_sae().state_dict())
+    sae = failing_sae("raise")
     mon = Monitor(model, tok, sae=sae, policies=compiled_policy(rule_yaml()), on_error="open", self_test=False)
     text = "".join(mon.stream(prompt, **GEN))
     assert text == tok.decode(plain[0, prompt.shape[1]:], skip_special_tokens=True)

@@ -10,7 +10,7 @@ from monitor.policy import compile_policies, load_policies
 from monitor.sae import SAE
 from monitor.errors import Blocked, MonitorUnavailable
 from monitor.runtime.hf import Monitor
-from monitor.testing import rule_yaml, tied_sae, tiny_model
+from monitor.testing import failing_sae, rule_yaml, tied_sae
 
 LAYER = 2
 GEN = dict(max_new_tokens=8, do_sample=False)
@@ -28,15 +28,6 @@ def policy(tmp_path, yaml_text: str, d_sae: int = 16):
 
 def rule(rule_id="r", latent=0, above=1e9, scope="response", actions="[log, {block: {message: BLOCKED}}]", mode="enforce"):
     return rule_yaml(rule_id, latent, above, scope, actions, mode)
-
-
-@pytest.fixture
-def setup(tiny_tokenizer):
-    model = tiny_model("llama")
-    prompt = torch.tensor([[5, 17, 42, 99, 7, 13]])
-    with torch.no_grad():
-        plain = model.generate(prompt, pad_token_id=tiny_tokenizer.pad_token_id, **GEN)
-    return model, tiny_tokenizer, prompt, plain
 
 
 def latent_trace(model, sae, sequence, latent=0):
@@ -203,23 +194,10 @@ def test_threads_get_their_own_reports(setup, tmp_path):
     mon.close()
 
 
-class Exploding(SAE):
-    def subset_encoder(self, latents):
-        def boom(x):
-            raise RuntimeError("SAE exploded")
-        return boom
-
-
-class NaNSAE(SAE):
-    def subset_encoder(self, latents):
-        return lambda x: torch.full(x.shape[:-1] + (len(latents),), float("nan"))
-
-
-@pytest.mark.parametrize("broken", [Exploding, NaNSAE])
+@pytest.mark.parametrize("broken", ["raise", "nan"])
 def test_on_error_open_and_closed(setup, tmp_path, broken):
     model, tok, prompt, plain = setup
-    sae = broken(make_sae().cfg)
-    sae.load_state_dict(make_sae().state_dict())
+    sae = failing_sae(broken, LAYER)
     pol = policy(tmp_path, rule())
     opened = Monitor(model, tok, sae=sae, policies=pol, on_error="open", self_test=False)
     out = opened.generate(prompt, pad_token_id=tok.pad_token_id, **GEN)

@@ -90,10 +90,17 @@ def test_a_long_prompt_is_tokenized_off_the_event_loop_then_refused(tmp_path):
     monitor.close()
 
 
-def test_limits_are_validated():
-    from monitor.serve import ServeLimits
+def test_limits_are_validated_before_the_model_loads(monkeypatch):
+    from monitor.errors import MonitorError
+    from monitor.serve import ServeLimits, serve_model
 
-    with pytest.raises(ValueError, match="max_body_bytes"):
+    def never(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the limits were checked")
+
+    monkeypatch.setattr("monitor.runtime.wrap.from_default", never)
+    with pytest.raises(MonitorError, match=r"default_max_tokens \(8192\) exceeds max_tokens_limit \(4096\)"):
+        serve_model(json_logs=False, default_max_tokens=8192)
+    with pytest.raises(MonitorError, match="max_body_bytes"):
         ServeLimits(max_body_bytes=0)
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         ServeLimits(max_prompt_tokens=True)
