@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 
 # Optional extras of pyproject.toml that `make install` / `make test` install, space-separated
 # (add yours here: e.g. `EXTRAS ?= dev ray`). Changing the list reinstalls (one stamp per list).
-EXTRAS ?= dev
+EXTRAS ?= dev ray
 
 # System tools the real-part tests drive, from Debian: a real Prometheus server and promtool, a
 # real headless Chromium. `make test` installs the packages when run as root; otherwise it stops
@@ -57,9 +57,17 @@ system-deps:
 demo: install
 	$(VENV)/bin/sae-monitor demo
 
-test: install system-deps
+# vLLM's CPU build pins torch and transformers<5.20, so its tests run in their own environment
+# (tools/vllm-env.sh says why); the main suite stays on current transformers.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml tools/vllm-env.sh
+	./tools/vllm-env.sh $(VLLM_VENV)
+	@touch $@
+
+test: install system-deps $(VLLM_VENV)/.installed
 	$(PY) -m mypy -p monitor
 	$(PY) -m pytest -q
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

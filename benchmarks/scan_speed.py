@@ -13,9 +13,10 @@ dialogues from ``../shared/data``), cut by :func:`monitor.evaluation.items.eval_
 * ``scan, one at a time``: ``Monitor.scan`` per item, the path ``eval`` took (a full forward of
   the whole model at batch 1, then the policy engine);
 * ``scan_many, batched``: ``Monitor.scan_many(items, batch_size)``, when the monitor has it;
-* ``extraction, one at a time``: the watched latents' peaks over each item's scan scope through
-  :func:`monitor.activations.pool_windows` at batch 1 (the forward stopped after the SAE's layer);
-* ``extraction, batched``: the same, length-bucketed and right-padded batches of ``--batch-size``.
+* ``extraction, batched``: the watched latents' peaks over each item's scan scope through
+  :func:`monitor.activations.pool_windows` (what discover, probes and the eval baselines use),
+  length-bucketed, right-padded batches of ``--batch-size``, the forward stopped after the SAE's
+  layer; with ``--all-modes`` also at batch 1 (``extraction, one at a time``).
 
 The items are split in ``--chunks`` chunks and every chunk runs every mode, in alternating order,
 so load drift on a shared machine hits all modes alike. Reported: items/s per mode and the ratio
@@ -53,6 +54,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--tiny", action="store_true", help="tiny random model and SAE (smoke run)")
+    parser.add_argument("--all-modes", action="store_true",
+                        help="also the one-at-a-time extraction (separates early stopping from batching)")
     return parser.parse_args(argv)
 
 
@@ -99,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from monitor.activations import max_pool, pool_windows, sae_encoder
     from monitor.evaluation.items import eval_item, scan_window
     from monitor.evaluation.run import monitor_for_eval
+    from monitor.runtime.scan import ScanItem
 
     args = parse_args(argv)
     if args.threads:
@@ -124,8 +128,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              else list(items[i].transcript), prompt=items[i].prompt) for i in chunk]
 
     def scan_many(chunk: list[int]) -> list[Any]:
-        from monitor.runtime.scan import ScanItem
-
         return monitor.scan_many([ScanItem(items[i].transcript if isinstance(items[i].transcript, str)
                                            else list(items[i].transcript), items[i].prompt) for i in chunk],
                                  batch_size=args.batch_size)
@@ -139,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     modes: dict[str, Callable[[list[int]], Any]] = {"scan, one at a time": scan}
     if hasattr(monitor, "scan_many"):
         modes["scan_many, batched"] = scan_many
-    modes["extraction, one at a time"] = extract(1)
+    if args.all_modes:
+        modes["extraction, one at a time"] = extract(1)
     modes["extraction, batched"] = extract(args.batch_size)
     scan(list(range(min(2, len(items)))))                       # warm up outside the timed region
     order = list(range(len(items)))

@@ -149,14 +149,23 @@ class PaddedBatch:
     scope: torch.Tensor           # bool; False on padding
 
 
-def length_batches(windows: Sequence[Window], batch_size: int, pad_id: int) -> Iterator[PaddedBatch]:
+def length_batches(windows: Sequence[Window], batch_size: int, pad_id: int,
+                   max_tokens: int | None = None) -> Iterator[PaddedBatch]:
     """Batches of at most ``batch_size`` windows, shortest first (length buckets: rows of one
-    batch have neighbouring lengths, so little compute goes to padding)."""
+    batch have neighbouring lengths, so little compute goes to padding) and, with
+    ``max_tokens``, at most that many padded tokens (a longer window goes alone)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     order = sorted(range(len(windows)), key=lambda i: len(windows[i][0]))
-    for b in range(0, len(order), batch_size):
-        batch = order[b:b + batch_size]
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        if group is None or len(group) >= batch_size or (
+                max_tokens is not None and len(windows[i][0]) * (len(group) + 1) > max_tokens):
+            groups.append([i])
+        else:
+            group.append(i)
+    for batch in groups:
         width = max(1, max(len(windows[i][0]) for i in batch))
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -192,6 +201,12 @@ def mean_max_pool(acts: torch.Tensor, scope: torch.Tensor) -> torch.Tensor:
     return torch.where(scope.any(dim=1)[:, None], out, torch.zeros_like(out))
 
 
+def progress_callback(progress: Progress | bool | None) -> Progress | None:
+    """``progress`` if it is a callback, else None: the old ``progress=True/False`` flags of
+    the research functions (which printed) now mean no progress; pass a callback instead."""
+    return progress if callable(progress) else None
+
+
 def identity(resid: torch.Tensor) -> torch.Tensor:
     """The residual itself, as float32 (an :data:`Encoder` for dense read-outs)."""
     return resid.float()
@@ -200,17 +215,17 @@ def identity(resid: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def pool_windows(model: nn.Module, windows: Sequence[Window], encoders: Mapping[HookPoint, Encoder], *,
                  pad_id: int = 0, pool: Pool | None = None, batch_size: int = 8,
-                 progress: Progress | None = None) -> dict[HookPoint, torch.Tensor]:
+                 max_tokens: int | None = None, progress: Progress | None = None) -> dict[HookPoint, torch.Tensor]:
     """``{point: [n, D']}``: per window, ``pool(encode(resid), scope)`` at each point.
 
     Windows go through in length-sorted, right-padded batches; the forward stops after the
     deepest hooked block. Rows come back in the order of ``windows``. ``pool`` defaults to
-    :func:`max_pool` (floor 0).
+    :func:`max_pool` (floor 0); ``max_tokens`` caps the padded tokens of a batch.
     """
     pool = pool or max_pool()
     results: dict[HookPoint, list[tuple[int, torch.Tensor]]] = {p: [] for p in encoders}
     done = 0
-    for batch in length_batches(windows, batch_size, pad_id):
+    for batch in length_batches(windows, batch_size, pad_id, max_tokens):
         def grab(point: HookPoint, encode: Encoder, batch: PaddedBatch = batch) -> Callable[[torch.Tensor], None]:
             def hook(resid: torch.Tensor) -> None:
                 results[point].extend(zip(batch.indices, pool(encode(resid.float()).float(), batch.scope)))

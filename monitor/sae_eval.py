@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from monitor.activations import Progress, progress_callback
 from monitor.capture import HookPoint, residual_hook
 from monitor.sae import SAE
 
@@ -50,8 +51,10 @@ def _ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[fl
 @torch.no_grad()
 def evaluate_sae(model: nn.Module, tokenizer: Any, sae: SAE, texts: Sequence[str], *,
                  point: HookPoint | None = None, ctx: int = 256, batch_size: int = 8,
-                 progress: bool = False) -> SAEEvalResult:
-    """Evaluate ``sae`` at ``point`` (default: its own hook point) on ``texts``."""
+                 progress: Progress | bool | None = None) -> SAEEvalResult:
+    """Evaluate ``sae`` at ``point`` (default: its own hook point) on ``texts``;
+    ``progress(texts done, texts)`` after each batch."""
+    callback = progress_callback(progress)
     point = point or sae.hook_point
     l0_sum = 0.0
     ever = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
@@ -112,8 +115,8 @@ def evaluate_sae(model: nn.Module, tokenizer: Any, sae: SAE, texts: Sequence[str
         with residual_hook(model, point, zero):
             loss, _ = _ce(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
         ce["zero"] += loss
-        if progress:
-            print(f"sae-eval {min(b + batch_size, len(encoded))}/{len(encoded)} texts", flush=True)
+        if callback:
+            callback(min(b + batch_size, len(encoded)), len(encoded))
     total_var = float(sum_x2 - sum_x.pow(2).sum() / max(n_x, 1))
     clean, spliced, zeroed = (ce[key] / max(ce_tokens, 1) for key in ("clean", "spliced", "zero"))
     recovered = (zeroed - spliced) / (zeroed - clean) if zeroed != clean else float("nan")

@@ -18,9 +18,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from monitor.activations import Progress, progress_callback
 from monitor.capture import HookPoint, forward_through
 from monitor.sae import SAE, SAEConfig
 
@@ -53,19 +53,19 @@ def tokenize_windows(texts: Iterable[str], tokenizer: Any, *, ctx: int = 256,
 @torch.no_grad()
 def extract_activations(model: nn.Module, windows: Sequence[list[int]], points: Sequence[HookPoint],
                         out_dir: str | Path, *, batch_size: int = 16, pad_id: int = 0,
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: Progress | bool | None = None) -> dict[str, Any]:
     """Write residual activations at ``points`` for every window to ``out_dir``; resumable.
 
     Shards ``L{layer}_{site}/shard_NNNNN.npy`` hold float16 ``[tokens, d_model]``; a shard
     that exists is skipped, so a killed run continues where it stopped. Position 0 of each
-    window and padding are dropped.
+    window and padding are dropped. ``progress(shards done, shards)`` after each shard.
     """
+    callback = progress_callback(progress)
     out_dir = Path(out_dir)
     dirs = {p: out_dir / f"L{p.layer}_{p.site}" for p in points}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(len(windows) / SHARD_WINDOWS)
-    started, done_tokens = time.time(), 0
     for shard in range(n_shards):
         names = {p: dirs[p] / f"shard_{shard:05d}.npy" for p in points}
         if all(n.exists() for n in names.values()):
@@ -93,15 +93,12 @@ def extract_activations(model: nn.Module, windows: Sequence[list[int]], points: 
             forward_through(model, {p: grab(p) for p in points}, input_ids=ids, attention_mask=mask)
             for p in points:
                 collected[p].append(grabbed[p])
-            done_tokens += int(keep.sum())
         for p in points:
             tmp = names[p].with_suffix(".tmp.npy")
             np.save(tmp, torch.cat(collected[p]).numpy())
             os.replace(tmp, names[p])
-        if progress:
-            rate = done_tokens / max(time.time() - started, 1e-9)
-            print(f"extract shard {shard + 1}/{n_shards}  {done_tokens:,} tokens  {rate:,.0f} tok/s",
-                  file=sys.stderr, flush=True)
+        if callback:
+            callback(shard + 1, n_shards)
     manifest = {"windows": len(windows), "shards": n_shards, "points": [p.name for p in points]}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -227,13 +224,16 @@ def _select(pre: torch.Tensor, k: int, batch_level: bool, cap: int = 4) -> tuple
 
 
 def train_sae(acts: torch.Tensor, cfg: TrainConfig, *, out: str | Path | None = None,
-              resume: bool = True, progress: bool = True, log_every: int = 20) -> tuple[SAE, dict[str, Any]]:
+              resume: bool = True, progress: Progress | bool | None = None, log_every: int = 20,
+              on_log: Callable[[dict[str, Any]], None] | None = None) -> tuple[SAE, dict[str, Any]]:
     """Train an SAE on ``acts`` ``[tokens, d_in]``; return it with a summary of the run.
 
     With ``out``, writes ``checkpoint.pt`` every ``checkpoint_every`` steps (atomically) and
     resumes from it. Returns an :class:`SAE` with the activation scaling folded in, so it takes
-    raw residual activations.
+    raw residual activations. Every ``log_every`` steps ``on_log(record)`` gets the step's
+    figures (FVU, L0, dead fraction, tokens/s) and ``progress(steps done, steps)`` is called.
     """
+    callback = progress_callback(progress)
     generator = torch.Generator().manual_seed(cfg.seed)
     norms = acts[::max(1, len(acts) // 200_000)].float().norm(dim=-1)
     max_input_norm = float(norms.median()) * cfg.outlier_factor
@@ -319,9 +319,10 @@ def train_sae(acts: torch.Tensor, cfg: TrainConfig, *, out: str | Path | None = 
                       "dead": n_dead / cfg.d_sae, "aux": aux_loss.item(), "lr": lr,
                       "tok_s": tokens_run / max(time.time() - started, 1e-9)}
             history.append(record)
-            if progress:
-                print(f"step {step + 1}/{total_steps}  {record['tok_s']:,.0f} tok/s  FVU {record['fvu']:.3f}  "
-                      f"L0 {record['l0']:.1f}  dead {record['dead']:.1%}", file=sys.stderr, flush=True)
+            if on_log:
+                on_log(record)
+            if callback:
+                callback(step + 1, total_steps)
         if ckpt_path and (state.step % cfg.checkpoint_every == 0):
             _save_checkpoint(ckpt_path, params, optimizer, state, history)
     if ckpt_path:
@@ -408,8 +409,10 @@ def write_model_card(directory: str | Path, *, title: str, recipe: dict[str, Any
 
 
 def run_training(*, model: str, data: Sequence[str], layer: int, site: str, max_tokens: int,
-                 ctx: int, out: Path, cfg: TrainConfig) -> SAE:
-    """``sae-monitor train``: tokenize, extract (resumable), train (resumable), save, card."""
+                 ctx: int, out: Path, cfg: TrainConfig, progress: Progress | None = None,
+                 on_log: Callable[[dict[str, Any]], None] | None = None) -> SAE:
+    """``sae-monitor train``: tokenize, extract (resumable), train (resumable), save, card.
+    ``progress``/``on_log`` as :func:`train_sae` (extraction reports shards on ``progress``)."""
     from monitor.data import iter_texts
     from monitor.models import load_model
 
@@ -423,9 +426,9 @@ def run_training(*, model: str, data: Sequence[str], layer: int, site: str, max_
         windows.append(w)
         total += len(w) - 1
     out.mkdir(parents=True, exist_ok=True)
-    extract_activations(lm, windows, [point], out / "acts", pad_id=tokenizer.pad_token_id or 0)
+    extract_activations(lm, windows, [point], out / "acts", pad_id=tokenizer.pad_token_id or 0, progress=progress)
     acts = load_activations(out / "acts" / f"L{point.layer}_{point.site}")
-    sae, summary = train_sae(acts, cfg, out=out)
+    sae, summary = train_sae(acts, cfg, out=out, progress=progress, on_log=on_log)
     sae.cfg = replace(sae.cfg, model_name=str(model), hook_name=point.name, hook_layer=layer)
     sae.save(out / "sae", dtype=torch.float16)
     metrics = evaluate_reconstruction(sae, acts[-min(len(acts), 200_000):])

@@ -75,6 +75,8 @@ def test_length_batches_bucket_by_length_and_pad_right():
     first = batches[0]
     assert first.ids.tolist() == [[1, 0, 0], [1, 1, 1]] and first.attention_mask.tolist() == [[1, 0, 0], [1, 1, 1]]
     assert first.scope.tolist() == [[True, False, False], [True, True, True]]
+    capped = list(length_batches(wins, 4, pad_id=0, max_tokens=10))
+    assert [b.indices for b in capped] == [[1, 3], [0], [4], [2]]     # 2x3, 5, 7, 9 padded tokens
     with pytest.raises(ValueError, match="batch_size"):
         list(length_batches(wins, 0, pad_id=0))
 

@@ -23,7 +23,10 @@ def identity_sae(d: int) -> SAE:
 
 def test_identity_sae_recovers_everything(tiny_tokenizer):
     model = tiny_model("llama")
-    result = evaluate_sae(model, tiny_tokenizer, identity_sae(64), TEXTS, batch_size=2)
+    seen = []
+    result = evaluate_sae(model, tiny_tokenizer, identity_sae(64), TEXTS, batch_size=2,
+                          progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert result.fvu == pytest.approx(0.0, abs=1e-6)
     assert result.ce_spliced == pytest.approx(result.ce_clean, abs=1e-4)
     assert result.ce_recovered == pytest.approx(1.0, abs=1e-3)

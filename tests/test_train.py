@@ -17,8 +17,10 @@ def test_end_to_end_tiny_training(tmp_path, tiny_tokenizer):
     model = tiny_model("llama")
     windows = tokenize_windows(TEXTS, tiny_tokenizer, ctx=32)
     assert all(len(w) <= 32 for w in windows)
+    shards = []
     extract_activations(model, windows, [HookPoint(1), HookPoint(2)], tmp_path / "acts",
-                        batch_size=4, progress=False)
+                        batch_size=4, progress=lambda done, total: shards.append((done, total)))
+    assert shards and shards[-1][0] == shards[-1][1]
     acts = load_activations(tmp_path / "acts" / "L1_resid_post")
     assert acts.shape == (sum(len(w) - 1 for w in windows), 64) and acts.dtype == torch.float16
 
@@ -29,8 +31,11 @@ def test_end_to_end_tiny_training(tmp_path, tiny_tokenizer):
 
     cfg = TrainConfig(d_sae=128, k=8, batch_tokens=64, lr=3e-3, warmup_steps=5, epochs=30,
                       dead_tokens=2000, checkpoint_every=50)
-    sae, summary = train_sae(acts, cfg, out=tmp_path / "run", progress=False, log_every=1)
+    logged, steps = [], []
+    sae, summary = train_sae(acts, cfg, out=tmp_path / "run", log_every=1, on_log=logged.append,
+                             progress=lambda done, total: steps.append((done, total)))
     history = summary["history"]
+    assert logged == history and steps[-1] == (summary["steps"], summary["steps"])
     assert history[-1]["fvu"] < 0.5 * history[0]["fvu"], "training loss must fall"
     assert (tmp_path / "run" / "checkpoint.pt").exists()
 

@@ -23,6 +23,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "monitor.cli.research",
     "monitor.cli.serve",
     "monitor.cli.policy",
+    "monitor.cli.backtest",
+    "monitor.cli.drift",
 )
 
 DESCRIPTION = "Safety monitoring for language models with sparse autoencoders."

@@ -30,7 +30,7 @@ from monitor.errors import DataError
 from monitor.evaluation import baselines
 from monitor.evaluation.items import EvalItem, as_eval_items, check_group_key, group_of
 from monitor.evaluation.measures import Detection, Measures
-from monitor.evaluation.scoring import RuleScorer, rule_categories, rule_conditions
+from monitor.evaluation.scoring import RuleScorer, check_policy_set, rule_categories
 from monitor.evaluation.transfer import leave_one_group_out
 from monitor.policy import CompiledPolicy, PolicySet
 
@@ -162,8 +162,8 @@ def evaluate(monitor: Any, items: Sequence[EvalItem | Mapping[str, Any]], *,
              progress: Progress | None = None, probe_l2: float = 1e-2, batch_size: int = 8) -> EvalResult:
     """Scan every item with ``monitor`` and measure detection per category (and per group).
 
-    ``items``: :class:`EvalItem` or rows of the labeled-data format. ``policy_set``: the
-    :class:`PolicySet` the monitor's policy was compiled from. ``train_items`` adds the dense
+    ``items``: :class:`EvalItem` or rows of the labeled-data format. ``policy_set`` (optional):
+    the :class:`PolicySet` the monitor's policy was compiled from, checked against it. ``train_items`` adds the dense
     probe fitted on them and bandit. ``leave_one_out`` (a field, e.g. ``source``) adds the dense
     probe fitted on all groups of a category but one and scored on that one. ``benign_items``
     (label ignored) add TPR at 1% benign FPR and the benign flag rate. ``group_by`` reports
@@ -179,9 +179,9 @@ def evaluate(monitor: Any, items: Sequence[EvalItem | Mapping[str, Any]], *,
     if not items:
         raise DataError("nothing to evaluate: no items")
     policy: CompiledPolicy = monitor.policy
-    conditions = rule_conditions(policy, policy_set)
-    scorer = RuleScorer(policy, conditions, monitor.catalog)
-    by_category = rule_categories(policy, conditions, {i.category for i in items})
+    check_policy_set(policy, policy_set)
+    scorer = RuleScorer(policy)
+    by_category = rule_categories(policy, {i.category for i in items})
     train = as_eval_items(train_items, tokenizer, "train item") if train_items is not None else None
     dense = train is not None or leave_one_out is not None
     steps = _Steps(progress, len(items) + len(benign)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.activations import Window, labeled_item
-from monitor.data import read_jsonl, token_ids
+from monitor.data import read_jsonl
 from monitor.errors import DataError
 
 # Row fields kept for grouping (``--group-by``) besides ``source`` and ``category``.
@@ -101,14 +101,14 @@ def eval_item(row: Mapping[str, Any], tokenizer: Any = None, *, context_chars: i
     category = str(row.get("category") or "uncategorised")
     ident = str(row.get("id", source))
     language = row.get("language")
-    row_source = str(row.get("source", "")).split(":")[0]
+    src = str(row.get("source", "")).split(":")[0]
     pair_id = None if row.get("pair_id") is None else str(row["pair_id"])
     fields = {k: str(row[k]) for k in GROUP_FIELDS if row.get(k) is not None}
     messages = row.get("messages")
     if (isinstance(messages, list) and messages and messages[-1].get("role") == "assistant"
             and not row.get("changed_lines") and getattr(tokenizer, "chat_template", None)):
         return EvalItem(label, category, tuple(dict(m) for m in messages), None, ident, language,
-                        source=row_source, pair_id=pair_id, fields=fields)
+                        source=src, pair_id=pair_id, fields=fields)
     try:
         item = labeled_item(row, tokenizer)
     except DataError as exc:
@@ -126,7 +126,7 @@ def eval_item(row: Mapping[str, Any], tokenizer: Any = None, *, context_chars: i
     truncated = len(prompt) > context_chars or len(response) > scope_chars
     prompt, response = prompt[len(prompt) - min(len(prompt), context_chars):], response[:scope_chars]
     return EvalItem(label, category, response, prompt or None, ident, language, code, code_lines,
-                    truncated, widened, source=row_source, pair_id=pair_id, fields=fields)
+                    truncated, widened, src, pair_id, fields)
 
 
 def load_eval_items(path: str | Path, tokenizer: Any = None, *, limit: int | None = None,
@@ -157,19 +157,11 @@ def as_eval_items(items: Sequence[EvalItem | Mapping[str, Any]], tokenizer: Any,
 
 def scan_ids(tokenizer: Any, text: str | Sequence[Mapping[str, str]], prompt: str | None = None
              ) -> tuple[list[int], int]:
-    """``(ids, prompt_len)`` exactly as :meth:`Monitor.scan` tokenises ``text``/``prompt``:
-    the response is ``ids[prompt_len:]``. Kept in step with ``Monitor.scan`` by a test."""
-    if isinstance(text, str):
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
-        response_ids = tokenizer(text, add_special_tokens=not prompt)["input_ids"]
-    else:
-        messages = [dict(m) for m in text]
-        if messages and messages[-1].get("role") == "assistant":
-            prompt_ids = token_ids(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True,
-                                                               tokenize=True))
-            response_ids = token_ids(tokenizer.apply_chat_template(messages, tokenize=True))[len(prompt_ids):]
-        else:
-            prompt_ids, response_ids = token_ids(tokenizer.apply_chat_template(messages, tokenize=True)), []
+    """``(ids, prompt_len)`` exactly as :meth:`Monitor.scan` tokenises ``text``/``prompt``
+    (:func:`monitor.runtime.scan.scan_token_ids`): the response is ``ids[prompt_len:]``."""
+    from monitor.runtime.scan import ScanItem, scan_token_ids
+
+    prompt_ids, response_ids = scan_token_ids(tokenizer, ScanItem(text, prompt))
     return list(prompt_ids) + list(response_ids), len(prompt_ids)
 
 

@@ -117,6 +117,7 @@ def measure(scorer: str, scores: torch.Tensor | None, decisions: torch.Tensor, l
     decisions = torch.as_tensor(decisions).bool()
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     ranked = scores is not None and n_pos > 0 and n_neg > 0
+    s_all = torch.as_tensor(scores if scores is not None else torch.zeros(len(labels)), dtype=torch.float64)
     precision, recall = precision_recall(decisions, labels)
     benign_tpr = None
     if scores is not None and benign_thresholds is not None and n_pos:
@@ -127,9 +128,9 @@ def measure(scorer: str, scores: torch.Tensor | None, decisions: torch.Tensor, l
         pairs = pair_measures(scores, decisions if has_decisions else None, labels, pair_ids)
     return Measures(
         scorer=scorer, n=len(labels), positives=n_pos, negatives=n_neg,
-        auroc=float(auroc(scores, labels)) if ranked and scores is not None else None,
-        tpr_at_1pct_fpr=float(tpr_at_fpr(scores, labels, FPR_POINTS[0])) if ranked and scores is not None else None,
-        tpr_at_5pct_fpr=float(tpr_at_fpr(scores, labels, FPR_POINTS[1])) if ranked and scores is not None else None,
+        auroc=float(auroc(s_all, labels)) if ranked else None,
+        tpr_at_1pct_fpr=float(tpr_at_fpr(s_all, labels, FPR_POINTS[0])) if ranked else None,
+        tpr_at_5pct_fpr=float(tpr_at_fpr(s_all, labels, FPR_POINTS[1])) if ranked else None,
         decision=decision, flagged=int(decisions.sum()),
         precision=precision if bool(decisions.any()) else None,
         recall=recall if n_pos else None,

@@ -14,55 +14,35 @@ some evidence feature crossed its threshold somewhere in scope; when a rule fire
 evidence leaf, its score is > 0. Guards (``not``, ``below``) and aggregations (windows, runs)
 can only stop a rule from firing and are ignored by the score: they enter the decisions.
 Rules without evidence leaves count for decisions only.
+
+Everything here reads the compiled policy's resolved leaves (:class:`ResolvedLeaf`: column,
+absolute threshold, comparison, negation), so the score needs neither the policy files nor
+the catalog.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 
 from monitor.errors import MonitorError
 from monitor.policy import CompiledPolicy, PolicySet
-from monitor.policy.schema import AllOf, AnyOf, Leaf, Not
+from monitor.policy.compiled import CompiledRule, ResolvedLeaf
 
 
-def rule_conditions(policy: CompiledPolicy, policy_set: PolicySet | None) -> list[Any]:
-    """The ``when`` condition of each compiled rule, in rule order."""
-    if policy_set is not None:
-        if policy_set.version_id != policy.version_id:
-            raise MonitorError(f"the policy set given (version {policy_set.version_id}) is not the one the "
-                               f"monitor runs (version {policy.version_id})")
-        return [policy_set.rule(r.id).when for r in policy.rules]
-    whens = [getattr(r, "when", None) for r in policy.rules]
-    if any(w is None for w in whens):
-        raise MonitorError("evaluate needs the rules' conditions: pass policy_set= (the PolicySet "
-                           "the monitor's policy was compiled from, e.g. load_policies(DIR))")
-    return whens
+def check_policy_set(policy: CompiledPolicy, policy_set: PolicySet | None) -> None:
+    """Refuse a ``policy_set`` that is not the one ``policy`` was compiled from (None: nothing
+    to check; the compiled policy carries what scoring needs)."""
+    if policy_set is not None and policy_set.version_id != policy.version_id:
+        raise MonitorError(f"the policy set given (version {policy_set.version_id}) is not the one the "
+                           f"monitor runs (version {policy.version_id})")
 
 
-def evidence_leaves(cond: Any, negated: bool = False) -> list[Leaf]:
-    """The leaves of ``cond`` that ask for a value above a threshold, outside any ``not``."""
-    if isinstance(cond, Leaf):
-        return [cond] if not negated and cond.below is None else []
-    if isinstance(cond, Not):
-        return evidence_leaves(cond.not_, not negated)
-    if isinstance(cond, (AnyOf, AllOf)):
-        kids = cond.any if isinstance(cond, AnyOf) else cond.all
-        return [leaf for kid in kids for leaf in evidence_leaves(kid, negated)]
-    return []
-
-
-def all_leaves(cond: Any) -> list[Leaf]:
-    """Every leaf of ``cond``."""
-    if isinstance(cond, Leaf):
-        return [cond]
-    if isinstance(cond, Not):
-        return all_leaves(cond.not_)
-    kids = cond.any if isinstance(cond, AnyOf) else cond.all
-    return [leaf for kid in kids for leaf in all_leaves(kid)]
+def evidence_leaves(rule: CompiledRule) -> list[ResolvedLeaf]:
+    """The leaves of ``rule`` that ask for a value above a threshold, outside any ``not``."""
+    return [leaf for leaf in rule.leaves if leaf.comparison == "above" and not leaf.negated]
 
 
 class RuleScorer:
@@ -73,29 +53,16 @@ class RuleScorer:
     evidence leaves or without scoped tokens.
     """
 
-    def __init__(self, policy: CompiledPolicy, conditions: Sequence[Any], catalog: Any = None) -> None:
-        column = {}
-        for c, ref in enumerate(policy.features):
-            column[(ref.kind, ref.index if ref.kind == "latent" else ref.name)] = c
+    def __init__(self, policy: CompiledPolicy) -> None:
         cols, thrs, owners = [], [], []
         self.evidence_rules: set[int] = set()
-        for r, cond in enumerate(conditions):
-            for leaf in evidence_leaves(cond):
-                if leaf.latent is not None:
-                    key: tuple = ("latent", leaf.latent)
-                else:
-                    entry = catalog.get(leaf.feature)
-                    key = ("latent", entry.latent) if entry.latent is not None else ("probe", leaf.feature)
-                if leaf.above is not None:
-                    thr = float(leaf.above)
-                else:  # an evidence leaf has exactly one of above / above_relative (never below)
-                    assert leaf.above_relative is not None
-                    thr = float(leaf.above_relative) * float(catalog.get(leaf.feature).max_activation)
-                cols.append(column[key])
-                thrs.append(thr)
+        for r, rule in enumerate(policy.rules):
+            for leaf in evidence_leaves(rule):
+                cols.append(leaf.column)
+                thrs.append(float(leaf.threshold))
                 owners.append(r)
                 self.evidence_rules.add(r)
-        self.n_rules = len(conditions)
+        self.n_rules = len(policy.rules)
         self.cols = torch.tensor(cols, dtype=torch.long)
         self.thr = torch.tensor(thrs, dtype=torch.float64)
         self.owner = torch.tensor(owners, dtype=torch.long)
@@ -110,18 +77,16 @@ class RuleScorer:
         return out.scatter_reduce(0, self.owner, margin, reduce="amax", include_self=True)
 
 
-def rule_categories(policy: CompiledPolicy, conditions: Sequence[Any], categories: Iterable[str]
-                    ) -> dict[str, list[int]]:
+def rule_categories(policy: CompiledPolicy, categories: Iterable[str]) -> dict[str, list[int]]:
     """Rule indices per category (see the module docstring)."""
     cats = set(categories)
     out: dict[str, list[int]] = {c: [] for c in sorted(cats)}
-    for r, (rule, cond) in enumerate(zip(policy.rules, conditions)):
+    for r, rule in enumerate(policy.rules):
         by_id = [c for c in cats if rule.id == c or rule.id.startswith(c + ".")]
         if by_id:
             chosen = {max(by_id, key=len)}
         else:
-            chosen = {c for leaf in all_leaves(cond) if leaf.feature for c in cats
-                      if leaf.feature.startswith(c + ".")}
+            chosen = {c for leaf in rule.leaves if leaf.name for c in cats if leaf.name.startswith(c + ".")}
         for c in chosen:
             out[c].append(r)
     return out

@@ -126,17 +126,9 @@ def test_policy_set_must_match_the_monitor(ranked, tmp_path, tiny_tokenizer):
     _, other_set = monitor_with(other, model, tiny_tokenizer, sae, rule("unsafe_code.b", "{latent: 2, above: 1.0}"))
     with pytest.raises(MonitorError, match="not the one the monitor runs"):
         evaluate(mon, rows, policy_set=other_set, progress=None)
-    with pytest.raises(MonitorError, match="policy_set="):
-        evaluate(mon, rows, progress=None)
-    # Once compiled rules carry their condition (CompiledRule.when), no policy set is needed.
-    for compiled_rule in mon.policy.rules:
-        object.__setattr__(compiled_rule, "when", policy_set_of(tmp_path).rule(compiled_rule.id).when)
+    # The compiled policy carries its resolved leaves: no policy set is needed to score.
     assert evaluate(mon, rows, progress=None).categories[0].rules == ("unsafe_code.a",)
     mon.close()
-
-
-def policy_set_of(tmp_path):
-    return load_policies(tmp_path / "p.yaml")
 
 
 def test_baselines_with_training_items(ranked, tmp_path, tiny_tokenizer):

@@ -38,13 +38,12 @@ def test_rule_scorer_reads_evidence_leaves_only(tmp_path):
     """)
     policy_set = PolicySet.from_rules(rules)
     policy = compile_policies(policy_set, catalog, d_sae=64)
-    conditions = [r.when for r in rules]
-    scorer = RuleScorer(policy, conditions, catalog)
+    scorer = RuleScorer(policy)                      # the compiled policy's resolved leaves only
     peaks = torch.tensor([3.0, 2.0, 9.0, 0.0, 7.5])  # latents 1, 2, 3, 4, 7
     assert [f.index for f in policy.features] == [1, 2, 3, 4, 7]
     scores = scorer.scores(peaks)
     assert scores[:2].tolist() == [0.5, 2.0] and scores[2] == -math.inf
     assert float(scores[3]) == pytest.approx(0.5)  # (7.5 - 5) / 5
     assert scorer.scores(None).tolist() == [-math.inf] * 4
-    cats = rule_categories(policy, conditions, ["unsafe_code", "r1"])
+    cats = rule_categories(policy, ["unsafe_code", "r1"])
     assert cats == {"r1": [0], "unsafe_code": [3]}

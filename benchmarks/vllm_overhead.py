@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""What does monitoring cost on vLLM? Throughput with and without the monitor, in one run.
+
+    python benchmarks/vllm_overhead.py                    # default model, shipped SAE and policies
+    python benchmarks/vllm_overhead.py --tokens 32 --repeats 2 --json out.json
+
+Run it with the vLLM environment (``tools/vllm-env.sh``). Three configurations, each at 1, 8
+and 32 concurrent requests (greedy, ``--tokens`` new tokens at most, the same prompts):
+
+* **vLLM** — a plain ``AsyncLLM`` (no worker extension, no hooks), ``enforce_eager`` and no
+  prefix caching like the monitored engine, so the ratio isolates the monitor;
+* **vLLM + monitor** — :class:`monitor.runtime.vllm.engine.VLLMMonitor` with the shipped
+  policies (every token of prompt and response encoded and stepped; one extra decode step per
+  request evaluates the last token);
+* **transformers + monitor** — ``monitor.wrap(...).generate`` at batch 1, 8 and 32 (left
+  padding), the path this adapter replaces.
+
+Throughput is delivered response tokens per second of wall time for the whole wave of
+requests. vLLM engines run one at a time (each is started, measured, shut down), so the two
+never compete for the CPU. Ratios are printed in the same run; nothing is compared against
+numbers from another run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS = [
+    "What is the capital of France?", "Write a haiku about autumn.", "Explain what a hash map is.",
+    "Give me three tips for better sleep.", "What does a compiler do?", "Describe the water cycle.",
+    "Name three uses of copper.", "Why is the sky blue?",
+]
+CONCURRENCY = (1, 8, 32)
+
+
+def wave(n: int) -> list[str]:
+    return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+
+
+def plain_vllm(model: str, tokens: int, repeats: int, max_model_len: int) -> dict[int, float]:
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from monitor.data import token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    results: dict[int, float] = {}
+
+    async def run_measured() -> dict[int, float]:
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, enforce_eager=True, enable_prefix_caching=False,
+                                                           max_model_len=max_model_len, dtype="float32"))
+        params = SamplingParams(temperature=0.0, max_tokens=tokens)
+
+        async def one(prompt: str) -> int:
+            ids = list(token_ids(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                               add_generation_prompt=True, tokenize=True)))
+            n = 0
+            async for out in engine.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
+                n = len(out.outputs[0].token_ids)
+            return n
+
+        try:
+            await asyncio.gather(*(one(p) for p in wave(2)))  # warm-up
+            for c in CONCURRENCY:
+                rates = []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    counts = await asyncio.gather(*(one(p) for p in wave(c)))
+                    rates.append(sum(counts) / (time.perf_counter() - started))
+                results[c] = max(rates)
+            return results
+        finally:
+            engine.shutdown()
+
+    return asyncio.run(run_measured())
+
+
+def monitored_vllm(model: str, tokens: int, repeats: int, max_model_len: int) -> tuple[dict[int, float], dict]:
+    from monitor.runtime.vllm import MonitorConfig
+    from monitor.runtime.vllm.engine import VLLMMonitor
+
+    results: dict[int, float] = {}
+    outcomes: dict[str, int] = {}
+    with VLLMMonitor(MonitorConfig(model=model, max_model_len=max_model_len, dtype="float32")) as mon:
+        mon.generate(wave(2), max_tokens=tokens)  # warm-up
+        for c in CONCURRENCY:
+            rates = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                outs = mon.generate(wave(c), max_tokens=tokens)
+                rates.append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - started))
+                for o in outs:
+                    outcomes[o.report.outcome] = outcomes.get(o.report.outcome, 0) + 1
+            results[c] = max(rates)
+    return results, outcomes
+
+
+def transformers_path(tokens: int, repeats: int) -> dict[int, float]:
+    import torch
+
+    import monitor
+    from monitor.data import token_ids
+
+    model, tokenizer = monitor.load_default_model()
+    tokenizer.padding_side = "left"
+    mon = monitor.wrap(model, tokenizer)
+    results: dict[int, float] = {}
+    try:
+        for c in CONCURRENCY:
+            rows = [list(token_ids(tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                                  add_generation_prompt=True, tokenize=True)))
+                    for p in wave(c)]
+            width = max(len(r) for r in rows)
+            pad = tokenizer.pad_token_id
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            rates = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                out = mon.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
+                                   pad_token_id=pad)
+                new = out[:, width:]
+                delivered = int(((new != pad) | (new == tokenizer.eos_token_id)).sum())
+                rates.append(delivered / (time.perf_counter() - started))
+            results[c] = max(rates)
+    finally:
+        mon.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per request (at most)")
+    parser.add_argument("--repeats", type=int, default=2, help="waves per concurrency; the best is kept")
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from monitor.models import default_model_cache_dir, load_default_model
+
+    model = default_model_cache_dir()
+    if not (model / "config.json").is_file():
+        load_default_model()
+    started = time.perf_counter()
+    plain = plain_vllm(str(model), args.tokens, args.repeats, args.max_model_len)
+    print(f"vLLM tok/s by concurrency: {plain}", flush=True)  # each phase as it ends
+    monitored, outcomes = monitored_vllm(str(model), args.tokens, args.repeats, args.max_model_len)
+    print(f"vLLM+monitor tok/s by concurrency: {monitored}", flush=True)
+    hf = {} if args.skip_transformers else transformers_path(args.tokens, args.repeats)
+    print(f"vLLM overhead: default model, {args.tokens} new tokens per request, best of {args.repeats} waves, "
+          f"CPU, enforce_eager, float32 (outcomes of monitored requests: {outcomes})")
+    print(f"{'concurrent':>10} {'vLLM tok/s':>11} {'vLLM+mon tok/s':>15} {'mon/plain':>10} "
+          f"{'HF+mon tok/s':>13} {'vLLM+mon/HF+mon':>16}")
+    for c in CONCURRENCY:
+        ratio_hf = f"{monitored[c] / hf[c]:16.2f}" if c in hf else f"{'-':>16}"
+        hf_rate = f"{hf[c]:13.1f}" if c in hf else f"{'-':>13}"
+        print(f"{c:>10} {plain[c]:11.1f} {monitored[c]:15.1f} {monitored[c] / plain[c]:10.3f} {hf_rate} {ratio_hf}")
+    print(f"total wall time {time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"plain": plain, "monitored": monitored, "transformers": hf,
+                                         "tokens": args.tokens, "outcomes": outcomes}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""One request's monitoring inside a vLLM worker: a core :class:`~monitor.runtime.session.Session`
+plus what vLLM's scheduling adds.
+
+The worker encodes every monitored row of a forward pass at once and hands each request its
+slice; :class:`RequestTracker` feeds it to the request's one-row session
+(``Session.observe_features``) and adds the three things that depend on how vLLM schedules:
+
+* **positions already monitored** (recomputation after preemption) are never stepped twice:
+  ``monitored_upto`` says how far the request got, and the steering edits applied at each
+  position are recorded so a recomputed position gets the same edit again (``replay``);
+* **chunked prefill**: steering in force is applied at the last row of a span, but inside the
+  prompt only at the prompt's last token, so a prompt prefilled in chunks is steered exactly
+  where a whole-prompt prefill (the transformers path) steers it;
+* **stop**: once the session blocks or refuses the request, the worker forces the request's
+  stop token in the same step.
+
+It never touches the model: it returns the directives to apply and the worker applies them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from monitor.policy import CompiledPolicy, SteerDirective
+from monitor.report import Report
+from monitor.runtime.encoder import FeatureEncoder
+from monitor.runtime.session import FailureMode, Session
+from monitor.runtime.vllm.batch import Span
+
+
+class RequestTracker:
+    """Per-request state in a worker; see the module docstring. ``tag`` is the front end's id."""
+
+    def __init__(self, tag: str, policy: CompiledPolicy, encoder: FeatureEncoder, prompt_len: int,
+                 on_error: FailureMode) -> None:
+        self.tag = tag
+        self.policy = policy
+        self.prompt_len = prompt_len
+        self.session = Session(policy, encoder, 1, on_error=on_error, request_id=tag)
+        self.monitored_upto = 0  # positions < this have been stepped
+        self.edits: dict[int, list[SteerDirective]] = {}  # position -> directives applied there
+        self.seconds = 0.0
+
+    @property
+    def stopped(self) -> bool:
+        """True once the request must end: blocked, or refused after a monitoring fault."""
+        return bool(self.session.stopped[0]) or self.session.refused
+
+    def step(self, span: Span, feats: torch.Tensor, mask: torch.Tensor) -> list[SteerDirective]:
+        """Step the session over ``feats[T, F]`` / ``mask[T]`` of ``span``; return the steering
+        directives to apply at the span's last row."""
+        self.monitored_upto = max(self.monitored_upto, span.position + span.length)
+        started = time.perf_counter()
+        try:
+            decisions = self.session.observe_features(feats[None], span.scope, mask[None])
+        finally:
+            self.seconds += time.perf_counter() - started
+        if not decisions.steers or self.stopped:
+            return []
+        if span.scope == "prompt" and not span.ends_prompt:
+            return []  # a whole-prompt prefill steers only at the prompt's last token
+        directives = list(decisions.steers)
+        self.edits[span.position + span.length - 1] = directives
+        return directives
+
+    def replay(self, position: int) -> list[SteerDirective]:
+        """The directives applied at ``position`` when it was first computed (or none)."""
+        return self.edits.get(position, [])
+
+    def fail(self, exc: BaseException) -> None:
+        """A fault outside the session (encoding the batch): ``on_error`` decides."""
+        self.session.fail(exc)
+
+    def finish(self) -> Report:
+        """The request's report (one row), as the transformers path writes it."""
+        report = self.session.finish()
+        report.monitor_seconds += self.seconds
+        return report

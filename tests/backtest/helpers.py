@@ -1,0 +1,93 @@
+"""Shared pieces of the backtest tests: a tiny chat model (Parts), policy files, conversations."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from monitor.backtest.run import Parts
+from monitor.capture import capture
+from monitor.data import token_ids
+from monitor.testing import tied_sae, tiny_model, tiny_tokenizer
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LAYER = 2
+DATA = Path(__file__).parent / "data" / "conversations.jsonl"
+PID_DIR = Path(tempfile.gettempdir()) / "sae-monitor-backtest-test-workers"  # slow_tiny_parts' actors
+
+
+def tiny_parts() -> Parts:
+    """A tiny llama (context 128) with a ChatML template and a tied SAE at layer 2. Importable
+    by Ray workers (module-level), deterministic (seeded builders)."""
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return Parts(tiny_model("llama"), tok, tied_sae(LAYER), None)
+
+
+def rule_yaml(rule_id: str, latent: int, above: float, *, scope: str = "response",
+              actions: str = "[log, {block: {message: BLOCKED}}]", mode: str = "enforce") -> str:
+    return (f"  - id: {rule_id}\n    description: test\n    severity: high\n    mode: {mode}\n"
+            f"    scope: {scope}\n    when: {{latent: {latent}, above: {above}}}\n    actions: {actions}\n")
+
+
+def write_policy(directory: Path, *rules: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "p.yaml").write_text("version: '1'\nrules:\n" + "".join(rules))
+    return directory
+
+
+def short_conversations(n: int = 24) -> list[dict]:
+    """Short multi-turn chats that fit the tiny model's 128-token context."""
+    words = ["ls -la", "rm -rf /", "hello", "sql", "eval(x)", "thanks", "why?", "ok", "password=1234", "sure"]
+    out = []
+    for i in range(n):
+        turns = 1 + i % 3
+        msgs = []
+        for t in range(turns):
+            msgs.append({"role": "user", "content": f"{words[(i + t) % 10]} {i}"})
+            msgs.append({"role": "assistant", "content": f"{words[(i * 3 + t) % 10]} r{t}"})
+        out.append({"id": f"c{i}", "messages": msgs})
+    return out
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+@torch.no_grad()
+def quantile_threshold(parts: Parts, conversations: list, latent: int, q: float) -> float:
+    """A threshold on ``latent`` that a fraction ``1 - q`` of the tokens of these conversations
+    (lists of messages) exceed: a rule built to fire on some conversations and not others."""
+    values = []
+    for messages in conversations:
+        ids = torch.tensor([token_ids(parts.tokenizer.apply_chat_template(list(messages), tokenize=True))])
+        resid = capture(parts.model, ids, parts.sae.hook_point)
+        values.append(parts.sae.encode(resid)[0, 1:, latent])
+    return float(torch.quantile(torch.cat(values), q))
+
+
+def slow_tiny_parts() -> Parts:
+    """:func:`tiny_parts` whose forward takes 50 ms longer, so a test can kill a Ray worker
+    while batches are still in flight."""
+    import os
+    import time
+
+    PID_DIR.mkdir(parents=True, exist_ok=True)
+    (PID_DIR / str(os.getpid())).touch()
+    parts = tiny_parts()
+    forward = parts.model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    parts.model.forward = slow
+    return parts

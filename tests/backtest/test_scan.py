@@ -1,0 +1,107 @@
+"""The scanner on a tiny model: the last-turn property, one forward for two versions, batching."""
+
+from __future__ import annotations
+
+import pytest
+
+from monitor.backtest.read import Conversation
+from monitor.backtest.scan import Scanner
+from monitor.policy import compile_policies, load_policies
+from monitor.runtime.hf import Monitor
+from tests.backtest.helpers import quantile_threshold, rule_yaml, short_conversations, tiny_parts, write_policy
+
+
+def convs(rows=None):
+    rows = rows or short_conversations()
+    return [Conversation(f"mem:{i + 1}", r["id"], tuple(r["messages"]), "mem", i + 1) for i, r in enumerate(rows)]
+
+
+def compiled(directory):
+    return compile_policies(load_policies(directory), None, d_sae=16)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_parts()
+
+
+@pytest.fixture(scope="module")
+def firing_policies(parts, tmp_path_factory):
+    """Candidate: a block rule (response) + an alert rule (prompt); baseline: a stricter block."""
+    cs = convs()
+    t_hi = quantile_threshold(parts, [c.messages for c in cs], 3, 0.97)
+    t_lo = quantile_threshold(parts, [c.messages for c in cs], 3, 0.90)
+    t_p = quantile_threshold(parts, [c.messages for c in cs], 5, 0.97)
+    base = tmp_path_factory.mktemp("pol")
+    cand = write_policy(base / "cand", rule_yaml("r.block", 3, t_lo),
+                        rule_yaml("p.alert", 5, t_p, scope="prompt", actions="[log, alert]"))
+    old = write_policy(base / "old", rule_yaml("r.block", 3, t_hi))
+    return cand, old
+
+
+def test_last_turn_scan_never_flags_what_the_backtest_does_not(parts, firing_policies):
+    cand, _ = firing_policies
+    policy = compiled(cand)
+    results = Scanner(parts.model, parts.tokenizer, parts.sae, [policy], batch_size=8).scan(convs())
+    mon = Monitor(parts.model, parts.tokenizer, sae=parts.sae, policies=policy, self_test=False, on_error="open")
+    try:
+        flagged_scan = flagged_backtest = earlier_only = 0
+        for conv, res in zip(convs(), results):
+            report = mon.scan(list(conv.messages))
+            scan_rules = {h.rule_id for h in report.hits}
+            bt = {f.rule for f in res.versions[0].firings}
+            assert scan_rules <= bt, (conv.id, scan_rules, bt)
+            # the last turn is evaluated exactly as scan evaluates it: same first token per rule
+            last = len(conv.messages) - 1
+            for hit in report.hits:
+                if hit.scope == "response":
+                    f = next(f for f in res.versions[0].firings if f.rule == hit.rule_id)
+                    if f.turn == last:
+                        first = min(h.token_index for h in report.hits if h.rule_id == hit.rule_id)
+                        assert f.token == first
+            flagged_scan += bool(scan_rules)
+            flagged_backtest += bool(bt)
+            earlier_only += bool(bt) and not scan_rules
+    finally:
+        mon.close()
+    assert flagged_scan > 0, "the rule was built to fire: pick another quantile"
+    assert flagged_backtest >= flagged_scan
+    assert earlier_only > 0, "some conversation fires only in an earlier turn (per-turn replay matters)"
+
+
+def test_two_versions_on_one_forward_equal_two_separate_scans(parts, firing_policies):
+    cand, old = (compiled(p) for p in firing_policies)
+    both = Scanner(parts.model, parts.tokenizer, parts.sae, [cand, old], batch_size=8).scan(convs())
+    only_c = Scanner(parts.model, parts.tokenizer, parts.sae, [cand], batch_size=8).scan(convs())
+    only_o = Scanner(parts.model, parts.tokenizer, parts.sae, [old], batch_size=8).scan(convs())
+    for b, c, o in zip(both, only_c, only_o):
+        assert b.versions == (c.versions[0], o.versions[0])
+    assert {r.versions[0].decision for r in both} >= {"block", "allow"}
+
+
+def test_batch_size_does_not_change_decisions(parts, firing_policies):
+    policy = compiled(firing_policies[0])
+    one = Scanner(parts.model, parts.tokenizer, parts.sae, [policy], batch_size=1).scan(convs())
+    many = Scanner(parts.model, parts.tokenizer, parts.sae, [policy], batch_size=16).scan(convs())
+    assert [(r.key, r.versions[0].decision, [(f.rule, f.turn, f.token) for f in r.versions[0].firings])
+            for r in one] == [(r.key, r.versions[0].decision, [(f.rule, f.turn, f.token) for f in r.versions[0].firings])
+                              for r in many]
+
+
+def test_too_long_conversation_is_skipped_with_its_length(parts, firing_policies):
+    policy = compiled(firing_policies[0])
+    long = [{"id": "long", "messages": [{"role": "user", "content": "x" * 300}, {"role": "assistant", "content": "y"}]}]
+    out = Scanner(parts.model, parts.tokenizer, parts.sae, [policy]).scan(convs(long + short_conversations(2)))
+    assert out[0].kind == "too_long" and "context of 128" in out[0].detail and out[0].key == "mem:1"
+    assert out[1].versions and out[2].versions  # the others are scanned
+
+
+def test_firing_positions_are_per_turn(parts, tmp_path):
+    """A rule that fires everywhere fires at response token 0 of the first assistant turn
+    (the template's first monitored token) and counts tokens over every turn."""
+    policy = compiled(write_policy(tmp_path, rule_yaml("all", 0, -1.0) + "    allow_always_true: true\n"))
+    res = Scanner(parts.model, parts.tokenizer, parts.sae, [policy]).scan(convs(short_conversations(3)))
+    for r in res:
+        (f,) = r.versions[0].firings
+        assert (f.turn, f.scope, f.token) == (1, "response", 0) and f.tokens_fired > 5
+        assert r.versions[0].decision == "block"
