@@ -100,8 +100,13 @@ def cmd_train(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     cfg = TrainConfig(d_sae=args.d_sae, k=args.k, architecture=args.architecture,
                       batch_tokens=args.batch_tokens, lr=args.lr, epochs=args.epochs, seed=args.seed)
+    def log(figures: dict[str, Any]) -> None:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()),
+              file=err, flush=True)
+
     run_training(model=args.model, data=args.data, layer=args.layer, site=args.site,
-                 max_tokens=args.tokens, ctx=args.ctx, out=Path(args.out), cfg=cfg)
+                 max_tokens=args.tokens, ctx=args.ctx, out=Path(args.out), cfg=cfg,
+                 progress=progress_line(err, "extract", False), on_log=log)
     return 0
 
 
@@ -117,7 +122,8 @@ def cmd_sae_eval(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     texts = list(iter_texts([args.texts], tokenizer))
     if args.limit:
         texts = texts[: args.limit]
-    result = evaluate_sae(model, tokenizer, sae, texts, ctx=args.ctx, progress=not args.json)
+    result = evaluate_sae(model, tokenizer, sae, texts, ctx=args.ctx,
+                          progress=progress_line(err, "texts", bool(args.json)))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2), file=out)
     else:

@@ -108,17 +108,28 @@ def serve_model(model: str = "default", *, sae: str = "default",
                 audit_log: str | None = None, json_logs: bool = True, log_text: bool = False,
                 log_level: str = "info", watch_interval: float | None = None,
                 on_error: Literal["open", "closed", "auto"] = "auto", self_test: bool = True,
-                **app_options: Any) -> None:
+                engine: str = "transformers", **app_options: Any) -> None:
     """Load a model, SAE, catalog and policies, then :func:`run` (what ``sae-monitor serve``
     does). ``model``/``sae``: ``"default"`` or a local directory; ``policies``: files or
     directories (default: the shipped ones); ``audit_log``: JSONL path for
     :class:`~monitor.audit.AuditTrail`; ``json_logs``: configure structlog JSON lines on
     stdout; ``watch_interval``: also reload when policy files change (seconds);
     ``app_options``: :func:`create_app` keywords (``admin_token``, the :class:`ServeLimits`
-    fields)."""
+    fields); ``engine``: ``transformers``, ``vllm`` (vLLM's async engine with continuous
+    batching, :func:`monitor.runtime.vllm.serve.serve_vllm`; needs ``sae-monitor[vllm]``) or
+    ``auto`` (vLLM where installed)."""
     from monitor.audit import AuditTrail
     from monitor.logs import configure_json_logging
+    from monitor.runtime.vllm.setup import resolve_engine
     from monitor.runtime.wrap import from_default, wrap
+
+    if resolve_engine(engine) == "vllm":
+        from monitor.runtime.vllm.serve import serve_vllm
+
+        serve_vllm(model, sae=sae, policies=policies, catalog=catalog, host=host, port=port,
+                   model_name=model_name, audit_log=audit_log, json_logs=json_logs, log_text=log_text,
+                   log_level=log_level, on_error=on_error, **app_options)
+        return
 
     if json_logs:
         configure_json_logging(level=log_level, log_text=log_text)

@@ -32,3 +32,24 @@ def test_a_limit_below_one_is_a_usage_error(flag, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}: '0': must be 1 or more" in err and "Traceback" not in err
+
+
+def test_engine_vllm_without_vllm_names_the_extra():
+    """In an environment without vLLM (the main one), ``--engine vllm`` fails before any model
+    work with one line naming the extra to install."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed in this environment (tests/vllm covers serving with it)")
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["serve", "--engine", "vllm", "--port", "1"], out=out, err=err) == 2
+    assert "sae-monitor[vllm]" in err.getvalue() and "Traceback" not in err.getvalue()
+
+
+def test_engine_is_passed_to_serve_model(monkeypatch):
+    import monitor.serve
+
+    calls = []
+    monkeypatch.setattr(monitor.serve, "serve_model", lambda model, **kw: calls.append(kw))
+    assert main(["serve", "--engine", "auto"], out=io.StringIO(), err=io.StringIO()) == 0
+    assert calls[0]["engine"] == "auto" and "max_concurrent" not in calls[0]
