@@ -65,6 +65,7 @@ $(VLLM_VENV)/.installed: pyproject.toml tools/vllm-env.sh
 	@touch $@
 
 test: install system-deps $(VLLM_VENV)/.installed
+	$(PY) -m mypy -p monitor
 	$(PY) -m pytest -q
 	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm
 

@@ -92,19 +92,27 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
-if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
-    from monitor.capture import HookPoint, capture, find_blocks, residual_hook
-    from monitor.catalog import Catalog, load_catalog
-    from monitor.errors import (Blocked, CatalogError, DataError, ModelLoadError, MonitorError,
-                                MonitorUnavailable, PolicyError, SAEFormatError, SAEMismatchError,
-                                UnsupportedModelError)
-    from monitor.models import load_default_model, load_model
-    from monitor.policy import CompiledPolicy, PolicyStore, compile_policies, load_policies
-    from monitor.report import BlockInfo, Report
-    from monitor.runtime.encoder import FeatureEncoder
-    from monitor.runtime.fit import check_fit
-    from monitor.runtime.hf import Monitor
-    from monitor.runtime.scan import ScanItem
-    from monitor.runtime.session import Session
-    from monitor.runtime.wrap import MonitoredPipeline, from_default, wrap
-    from monitor.sae import SAE, SAEConfig, load_sae
+if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports (``X as X``: re-exported)
+    from monitor.capture import (
+        HookPoint as HookPoint, capture as capture, find_blocks as find_blocks,
+        residual_hook as residual_hook)
+    from monitor.catalog import Catalog as Catalog, load_catalog as load_catalog
+    from monitor.errors import (
+        Blocked as Blocked, CatalogError as CatalogError, DataError as DataError,
+        ModelLoadError as ModelLoadError, MonitorError as MonitorError,
+        MonitorUnavailable as MonitorUnavailable, PolicyError as PolicyError,
+        SAEFormatError as SAEFormatError, SAEMismatchError as SAEMismatchError,
+        UnsupportedModelError as UnsupportedModelError)
+    from monitor.models import load_default_model as load_default_model, load_model as load_model
+    from monitor.policy import (
+        CompiledPolicy as CompiledPolicy, PolicyStore as PolicyStore,
+        compile_policies as compile_policies, load_policies as load_policies)
+    from monitor.report import BlockInfo as BlockInfo, Report as Report
+    from monitor.runtime.encoder import FeatureEncoder as FeatureEncoder
+    from monitor.runtime.fit import check_fit as check_fit
+    from monitor.runtime.hf import Monitor as Monitor
+    from monitor.runtime.scan import ScanItem as ScanItem
+    from monitor.runtime.session import Session as Session
+    from monitor.runtime.wrap import (
+        MonitoredPipeline as MonitoredPipeline, from_default as from_default, wrap as wrap)
+    from monitor.sae import SAE as SAE, SAEConfig as SAEConfig, load_sae as load_sae

@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from monitor.capture import HookPoint, resolve_path
 from monitor.activations import LabeledText, Progress, as_items, iter_token_activations, sae_encoder
 from monitor.discover import DiscoveryResult
 from monitor.errors import SAEMismatchError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,7 @@ def visible(piece: str) -> str:
 
 
 @torch.no_grad()
-def logit_effects(model: nn.Module, tokenizer: Any, sae: Any, latent: int, k: int = 10) -> LogitEffects:
+def logit_effects(model: PreTrainedModel, tokenizer: Any, sae: Any, latent: int, k: int = 10) -> LogitEffects:
     """The ``k`` tokens whose logits ``W_dec[latent] @ (final_norm.weight * W_U).T`` raises most
     and the ``k`` it lowers most. Vocabulary rows past the tokenizer's size are ignored."""
     if not 0 <= latent < sae.cfg.d_sae:

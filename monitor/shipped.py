@@ -8,6 +8,7 @@ editable install reads ``policies/`` of the checkout, so edits there take effect
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeGuard
 
 from monitor.errors import MonitorError
 
@@ -23,7 +24,7 @@ def shipped_sae_dir(name: str = "default") -> Path:
     return SHIPPED_SAES / name
 
 
-def is_shipped_sae_name(name: object) -> bool:
+def is_shipped_sae_name(name: object) -> TypeGuard[str]:
     """True when ``name`` names a shipped SAE (a bare name, not a path)."""
     return isinstance(name, str) and "/" not in name and shipped_sae_dir(name).is_dir()
 

@@ -26,9 +26,9 @@ if TYPE_CHECKING:
     from monitor.policy import CompiledPolicy, Hit
     from monitor.report import Report
     from monitor.runtime.hf import Monitor
-    from monitor.sae import SAE
+    from monitor.sae import SAE, Architecture
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+TINY: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             vocab_size=300, max_position_embeddings=128)
 
 
@@ -37,6 +37,7 @@ def tiny_model(arch: str = "llama", seed: int = 0) -> Any:
     import transformers as tf
 
     torch.manual_seed(seed)
+    cfg: tf.PretrainedConfig
     if arch == "gpt2":
         cfg = tf.GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=300, n_positions=128)
     elif arch == "gpt_neox":
@@ -75,7 +76,7 @@ def tiny_tokenizer() -> Any:
     return fast
 
 
-def random_sae(architecture: str = "relu", d_in: int = 64, d_sae: int = 256, k: int | None = 8,
+def random_sae(architecture: Architecture = "relu", d_in: int = 64, d_sae: int = 256, k: int | None = 8,
                seed: int = 0, dtype: torch.dtype = torch.float32, **cfg_kwargs: Any) -> SAE:
     """A random SAE of ``architecture`` (unit-scale weights, small biases and thresholds)."""
     from monitor.sae import SAE, SAEConfig

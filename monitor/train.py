@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -127,7 +127,7 @@ class TrainConfig:
 
     d_sae: int = 8192
     k: int = 32
-    architecture: str = "batchtopk"  # or "topk"
+    architecture: Literal["batchtopk", "topk"] = "batchtopk"
     batch_tokens: int = 4096
     lr: float = 8e-4
     warmup_steps: int = 50
@@ -148,8 +148,8 @@ class TrainState:
     W_dec: torch.Tensor  # [d_sae, d_in]
     b_dec: torch.Tensor
     scale: float  # activation scaling factor folded in at save time
+    tokens_since_fired: torch.Tensor  # [d_sae] long: tokens since each latent last fired
     step: int = 0
-    tokens_since_fired: torch.Tensor | None = None
     threshold_sum: float = 0.0
     threshold_count: int = 0
 
@@ -174,12 +174,12 @@ class _SparseEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values, x, enc, b_enc, b_dec, rows, cols):  # type: ignore[override]
+    def forward(ctx, values, x, enc, b_enc, b_dec, rows, cols):
         ctx.save_for_backward(values, x, enc, b_dec, rows, cols)
         return values.clone()
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         values, x, enc, b_dec, rows, cols = ctx.saved_tensors
         g = grad * (values > 0)
         d_sae = enc.shape[0]
@@ -311,7 +311,7 @@ def train_sae(acts: torch.Tensor, cfg: TrainConfig, *, out: str | Path | None = 
         (loss + cfg.aux_coef * aux_loss).backward()
         optimizer.step()
         with torch.no_grad():
-            W_dec /= W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
         tokens_run += B
         state.step = step + 1
         if step % log_every == 0 or step == total_steps - 1:

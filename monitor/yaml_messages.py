@@ -131,7 +131,7 @@ def render_path(data: Any, path: Loc) -> str:
         else:
             text += f".{part}" if text else str(part)
         found = isinstance(cur, (dict, list)) and _has(cur, part)
-        cur = cur[part] if found else None  # type: ignore[index]
+        cur = cur[part] if found else None
         if isinstance(part, int) and isinstance(cur, dict):
             ident = cur.get("id", cur.get("name"))
             if isinstance(ident, str):

@@ -33,7 +33,7 @@ import stat
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from pydantic import BaseModel, ValidationInfo, field_validator
@@ -199,6 +199,13 @@ def load_document(path: str | Path, kind: DocumentKind) -> YamlSource:
 # -------------------------------------------------------------------------------- parsing
 
 
+class _Mark(Protocol):
+    """A PyYAML position (the pure-Python and the libyaml marks both have these)."""
+
+    line: int
+    column: int
+
+
 class _LimitedLoader(yaml.SafeLoader):
     """A SafeLoader whose composer refuses deep nesting, runaway aliases and recursive aliases.
 
@@ -216,16 +223,18 @@ class _LimitedLoader(yaml.SafeLoader):
         self._size: dict[int, int] = {}  # id(node) -> values in its expansion
         self._height: dict[int, int] = {}  # id(node) -> nesting levels in its expansion
 
-    def _refuse(self, mark: yaml.Mark, text: str) -> YamlSyntaxError:
-        return YamlSyntaxError(f"{self._name}:{mark.line + 1}:{mark.column + 1}: {text}")
+    def _refuse(self, mark: _Mark | None, text: str) -> YamlSyntaxError:
+        # The parser gives every event its start mark; the stubs allow None, which names no line.
+        where = f"{self._name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else self._name
+        return YamlSyntaxError(f"{where}: {text}")
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
             target = self.anchors.get(event.anchor)
             if target is not None:
                 self._alias(event, target)
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            return super().compose_node(parent, index)
         collection = isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))
         if collection:
             self._depth += 1
@@ -242,7 +251,7 @@ class _LimitedLoader(yaml.SafeLoader):
         self._size[id(node)] = 1 + sum(self._size[id(k)] for k in kids)
         self._height[id(node)] = (1 + max((self._height[id(k)] for k in kids), default=0)
                                   if collection else 0)
-        return node  # type: ignore[no-any-return]
+        return node
 
     def _alias(self, event: yaml.AliasEvent, target: yaml.Node) -> None:
         size = self._size.get(id(target))

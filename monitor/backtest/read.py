@@ -163,7 +163,7 @@ def _read_jsonl(path: Path, fields: FieldMap, skip: frozenset[str] | set[str]) -
 
 
 def _read_parquet(path: Path, fields: FieldMap, skip: frozenset[str] | set[str]) -> Iterator[Record]:
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq
 
     source = str(path)
     try:

@@ -54,7 +54,7 @@ def to_row(item: ScanResult | Problem, labels: Sequence[str], messages: Any = No
 
 def schema(labels: Sequence[str]) -> Any:
     """The Parquet schema of conversation rows for these version labels."""
-    import pyarrow as pa  # type: ignore[import-untyped]
+    import pyarrow as pa
 
     firing = pa.struct([("rule", pa.string()), ("turn", pa.int32()), ("scope", pa.string()),
                         ("token", pa.int32()), ("position", pa.int32()), ("tokens_fired", pa.int32()),
@@ -88,7 +88,7 @@ class ResultStore:
 
     def __init__(self, out: str | Path, versions: Sequence[dict[str, str]], *, resume: bool = True) -> None:
         try:
-            import pyarrow  # type: ignore[import-untyped]  # noqa: F401
+            import pyarrow  # noqa: F401
         except ImportError:
             raise MonitorError("backtest results are written as Parquet with pyarrow, which is not installed: "
                                "pip install 'sae-monitor[backtest]'") from None
@@ -149,8 +149,8 @@ class ResultStore:
 
     def commit(self, rows: Sequence[dict[str, Any]]) -> None:
         """Write ``rows`` as one chunk and record it in the manifest (durably, in that order)."""
-        import pyarrow as pa  # type: ignore[import-untyped]
-        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
         rows = [r for r in rows if r["key"] not in self._done]
         if not rows:
@@ -173,7 +173,7 @@ class ResultStore:
 
     def rows(self) -> Iterator[dict[str, Any]]:
         """Every committed row, chunk by chunk."""
-        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+        import pyarrow.parquet as pq
 
         _, names = self._read_manifest()
         for name in sorted(names):
@@ -182,8 +182,8 @@ class ResultStore:
     def finalize(self) -> list[dict[str, Any]]:
         """Merge the chunks into the sorted outputs (see the module doc); returns the rows.
         A key committed twice would be a bug in the runner: it raises rather than hide it."""
-        import pyarrow as pa  # type: ignore[import-untyped]
-        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
         rows = sorted(self.rows(), key=lambda r: (r["source"], r["line"]))
         keys = [r["key"] for r in rows]
@@ -199,7 +199,7 @@ class ResultStore:
 
 
 def firing_schema() -> Any:
-    import pyarrow as pa  # type: ignore[import-untyped]
+    import pyarrow as pa
 
     return pa.schema([("key", pa.string()), ("id", pa.string()), ("version", pa.string()), ("rule", pa.string()),
                       ("turn", pa.int32()), ("scope", pa.string()), ("token", pa.int32()),

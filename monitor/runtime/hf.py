@@ -87,7 +87,8 @@ class Monitor:
         self._lock = threading.Lock()
         # The class's generate, not the instance attribute: wrapping a pipeline replaces the
         # instance's generate with ours.
-        self._model_generate = functools.partial(type(model).generate, model)
+        generate: Callable[..., Any] = getattr(type(model), "generate")  # nn.Module declares no generate
+        self._model_generate = functools.partial(generate, model)
         self._hook = residual_hook(model, self.point, self._on_residual)
         self._hook.__enter__()
         self._ids_hook = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
@@ -134,9 +135,18 @@ class Monitor:
         self._ids_hook.remove()
 
     @property
-    def last_report(self) -> Report | None:
-        """The report of the last call made from this thread."""
-        return getattr(self._local, "report", None)
+    def last_report(self) -> Report:
+        """The report of the last call made from this thread.
+
+        Raises :class:`MonitorError` before this thread's first call has finished: every
+        call (``generate``, ``stream``, ``scan``, a pipeline call) sets it, so a typed caller
+        reads ``last_report.outcome`` without a None check.
+        """
+        report: Report | None = getattr(self._local, "report", None)
+        if report is None:
+            raise MonitorError("last_report is read before any call of this monitor finished on this "
+                               "thread; call generate(), stream() or scan() first")
+        return report
 
     # ------------------------------------------------------------------ hooks
     def _request(self, rows: int, attention_mask: torch.Tensor | None) -> HFRequest:

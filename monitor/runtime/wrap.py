@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 from torch import nn
 
@@ -15,6 +15,9 @@ from monitor.report import Report
 from monitor.runtime.hf import Monitor
 from monitor.sae import SAE, load_sae
 from monitor.shipped import catalog_beside, shipped_policies_dir
+
+if TYPE_CHECKING:
+    from transformers import Pipeline
 
 PolicySource = PolicyStore | CompiledPolicy | str | Path | Sequence[str | Path]
 
@@ -51,7 +54,7 @@ def from_default(**options: Any) -> Monitor:
     return from_parts(model, tokenizer, **options)
 
 
-Monitor.from_default = staticmethod(from_default)  # type: ignore[assignment]
+Monitor.from_default = staticmethod(from_default)
 
 
 class MonitoredPipeline:
@@ -70,13 +73,20 @@ class MonitoredPipeline:
         return self.pipeline(*args, **kwargs)
 
     @property
-    def last_report(self) -> Report | None:
+    def last_report(self) -> Report:
+        """The report of this thread's last call (see :attr:`Monitor.last_report`)."""
         return self.monitor.last_report
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipeline, name)
 
 
+@overload
+def wrap(model_or_pipeline: Pipeline, tokenizer: Any = None, **options: Any) -> MonitoredPipeline: ...
+@overload
+def wrap(model_or_pipeline: nn.Module, tokenizer: Any, **options: Any) -> Monitor: ...
+@overload
+def wrap(model_or_pipeline: Any, tokenizer: Any = None, **options: Any) -> Monitor | MonitoredPipeline: ...
 def wrap(model_or_pipeline: Any, tokenizer: Any = None, **options: Any) -> Monitor | MonitoredPipeline:
     """Put a model (with its tokenizer) or a text-generation pipeline under policy.
 

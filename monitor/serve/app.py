@@ -168,7 +168,7 @@ def create_app(monitor: Monitor, metrics: MonitorMetrics | None = None,
                          "finish_reason": done.finish_reason, "logprobs": None}],
             "usage": usage(done.prompt_tokens, done.completion_tokens)})
 
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     return app
 
 

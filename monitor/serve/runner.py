@@ -150,7 +150,7 @@ def serve_model(model: str = "default", *, sae: str = "default",
             from monitor.models import load_model
 
             loaded, tokenizer = load_model(model)
-            monitor = wrap(loaded, tokenizer, **options)  # type: ignore[assignment]
+            monitor = wrap(loaded, tokenizer, **options)
     except BaseException:
         if isinstance(reload, ReloadSignal):
             reload.restore()
