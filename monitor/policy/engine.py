@@ -127,13 +127,15 @@ class CompiledPolicy:
         return prog
 
     def step(self, state: EngineState, feats: torch.Tensor, mask: torch.Tensor,
-             scope: StepScope) -> StepResult:
+             scope: StepScope, *, require_finite: bool = False) -> StepResult:
         """Evaluate ``feats[B, T, F]`` (columns as in ``features``) for ``scope``.
 
         ``mask[B, T]`` is False for tokens that must not be monitored (special tokens,
         padding, finished rows): they enter no window, never fire, but still count in
         ``token_index``. Only rules whose scope covers ``scope`` are evaluated. ``state`` is
-        updated in place.
+        updated in place. ``require_finite``: raise :class:`FloatingPointError` when any value
+        of ``feats`` is NaN or infinite, checked in the same host sync as the firing test (a
+        runtime that must fail on broken activations pays no second sync per step).
         """
         self._check(state, feats, mask, scope)
         batch, tokens = mask.shape
@@ -144,6 +146,8 @@ class CompiledPolicy:
         prog = self._program(scope, feats.device)
         n_scope = prog.rule_cols.shape[0]
         if n_scope == 0 or tokens == 0:
+            if require_finite and tokens and not bool(torch.isfinite(feats).all()):
+                raise FloatingPointError("non-finite SAE activation")
             fired = torch.zeros(batch, tokens, n_rules, dtype=torch.bool, device=feats.device)
             block = torch.zeros(batch, dtype=torch.bool, device=feats.device)
             return StepResult(fired, [], block, {}, self._in_force(state, []))
@@ -155,7 +159,13 @@ class CompiledPolicy:
             fired = torch.zeros(batch, tokens, n_rules, dtype=torch.bool, device=feats.device)
             fired.index_copy_(2, prog.rule_cols, rule_fired)
         block = (rule_fired & prog.block_rules).flatten(1).any(1)
-        if not bool(rule_fired.any()):  # the one host-device sync of a quiet step
+        if require_finite:  # one host-device sync for both questions
+            any_fired, broken = torch.stack([rule_fired.any(), ~torch.isfinite(feats).all()]).tolist()
+            if broken:
+                raise FloatingPointError("non-finite SAE activation")
+        else:
+            any_fired = bool(rule_fired.any())  # the one host-device sync of a quiet step
+        if not any_fired:
             return StepResult(fired, [], block, {}, self._in_force(state, []))
         hits, blocks, now = self._decisions(prog, ev, state, scope, pos0, tokens)
         return StepResult(fired, hits, block, blocks, self._in_force(state, now))

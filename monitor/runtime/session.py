@@ -135,8 +135,6 @@ class Session:
     def _step(self, feats: torch.Tensor, scope: Scope, mask: torch.Tensor) -> StepDecisions:
         stopped = self.stopped.to(mask.device)
         mask = mask & ~stopped[:, None]
-        if not bool(torch.isfinite(feats).all()):
-            raise FloatingPointError("non-finite SAE activation")
         if self.state is None or self.state.device != feats.device:
             self.state = self.policy.new_state(self.rows, feats.device)
         count = mask.sum()
@@ -145,7 +143,7 @@ class Session:
         peak = feats.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
         old_peak = self.report.peaks.get(scope)
         self.report.peaks[scope] = peak if old_peak is None else torch.maximum(old_peak, peak)
-        result = self.policy.step(self.state, feats, mask, scope)
+        result = self.policy.step(self.state, feats, mask, scope, require_finite=True)
         if not result.hits and not result.steer:
             return NOTHING
         report = self.report

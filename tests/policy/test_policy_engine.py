@@ -146,6 +146,20 @@ def test_quiet_step_syncs_with_the_host_once():
     with Syncs() as syncs:
         r = policy.step(state, columns(policy, acts(4, 1)), ones(4, 1), "response")
     assert r.hits == [] and syncs.seen == ["__bool__"]
+    with Syncs() as syncs:  # the runtime's non-finite check rides on the same sync
+        r = policy.step(state, columns(policy, acts(4, 1)), ones(4, 1), "response", require_finite=True)
+    assert r.hits == [] and syncs.seen == ["tolist"]
+
+
+def test_require_finite_raises_on_nan_and_inf_only_when_asked():
+    policy = compiled(ONE_RULE)
+    for bad in (float("nan"), float("inf")):
+        feats = columns(policy, acts(1, 3, l7={(0, 1): bad}))
+        policy.step(policy.new_state(1), feats, ones(1, 3), "response")  # not asked: evaluated
+        with pytest.raises(FloatingPointError):
+            policy.step(policy.new_state(1), feats, ones(1, 3), "response", require_finite=True)
+    fine = columns(policy, acts(1, 3, l7={(0, 1): 3.0}))
+    assert policy.step(policy.new_state(1), fine, ones(1, 3), "response", require_finite=True).hits
 
 
 def test_step_rejects_wrong_inputs():

@@ -77,8 +77,8 @@ def test_stream_never_releases_the_firing_token_while_the_block_is_being_recorde
     mon, index, _ = blocking(setup)
     original_step = CompiledPolicy.step
 
-    def slow_step(self, state, feats, mask, scope):
-        result = original_step(self, state, feats, mask, scope)
+    def slow_step(self, state, feats, mask, scope, **kwargs):
+        result = original_step(self, state, feats, mask, scope, **kwargs)
         if result.hits:
             time.sleep(0.4)  # the decision is made, the block not yet recorded
         return result
