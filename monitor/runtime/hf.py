@@ -215,7 +215,7 @@ class Monitor:
 
         return self.scan_many([ScanItem(text, prompt)], batch_size=1, refuse=True)[0]
 
-    def scan_many(self, items: Sequence[Scannable], *, batch_size: int = 16, max_batch_tokens: int = 16384,
+    def scan_many(self, items: Sequence[Scannable], *, batch_size: int = 16, max_batch_tokens: int = 1024,
                   progress: Callable[[int], Any] | None = None, refuse: bool = False) -> list[Report]:
         """Scan many transcripts (strings, chat messages or :class:`ScanItem`), batched by
         length, the forward stopped after the SAE's layer; one report per item, in order,

@@ -127,9 +127,12 @@ def read_residual(monitor: Monitor, ids: torch.Tensor, attention: torch.Tensor) 
     """The residual ``[B, T, d]`` at the monitor's hook point for a teacher-forced batch."""
     capture = ScanCapture(monitor)
     token = CURRENT.set(capture)  # type: ignore[arg-type]
+    # Without padding no mask is needed, and the model keeps its fast causal attention path
+    # (an explicit mask makes CPU attention materialise [B, heads, T, T]).
+    mask = None if bool(attention.all()) else attention
     try:
         with torch.no_grad():
-            monitor.model(input_ids=ids, attention_mask=attention, use_cache=False)
+            monitor.model(input_ids=ids, attention_mask=mask, use_cache=False)
     except ScanComplete:
         pass
     finally:
@@ -141,7 +144,7 @@ def read_residual(monitor: Monitor, ids: torch.Tensor, attention: torch.Tensor) 
 
 
 def scan_transcripts(monitor: Monitor, items: Sequence[Scannable], *, batch_size: int = 16,
-                     max_batch_tokens: int = 16384, progress: Callable[[int], Any] | None = None,
+                     max_batch_tokens: int = 1024, progress: Callable[[int], Any] | None = None,
                      refuse: bool = False) -> list[Report]:
     """``Monitor.scan_many``: see there. One session per transcript on one policy snapshot;
     per batch one forward (stopped after the SAE's layer) and one encode."""
