@@ -102,6 +102,16 @@ class FeatureEncoder:
     def steer_delta(self, resid: torch.Tensor, directives: Sequence[SteerDirective]) -> torch.Tensor:
         """What to add to ``resid[rows, d_in]`` (row ``i`` = ``directive.row``) to apply the
         directives: ``(target - a) * direction`` per directive, summed per row."""
+        return self._steered(resid, directives) - resid.float()
+
+    def apply_steers(self, resid: torch.Tensor, directives: Sequence[SteerDirective]) -> None:
+        """Apply ``directives`` to ``resid[rows, ..., d_in]`` in place."""
+        if directives:
+            resid.copy_(self._steered(resid, directives).to(resid.dtype))
+
+    @torch.no_grad()
+    def _steered(self, resid: torch.Tensor, directives: Sequence[SteerDirective]) -> torch.Tensor:
+        """``resid`` (float32 copy) with the directives applied in order."""
         work = resid.float().clone()  # directives apply in order: each sees the edits before it
         for d in directives:  # steering is rare: a few directives per step at most
             x = work[d.row]
@@ -117,9 +127,4 @@ class FeatureEncoder:
                 a = x @ vec + bias
             target = d.value if d.op == "clamp" else a * d.value
             work[d.row] += (target - a)[..., None] * direction
-        return work - resid.float()
-
-    def apply_steers(self, resid: torch.Tensor, directives: Sequence[SteerDirective]) -> None:
-        """Apply ``directives`` to ``resid[rows, ..., d_in]`` in place."""
-        if directives:
-            resid.copy_((resid.float() + self.steer_delta(resid, directives)).to(resid.dtype))
+        return work

@@ -19,7 +19,7 @@ import torch
 
 from monitor.errors import MonitorError
 from monitor.runtime.hf_request import CURRENT, HFRequest
-from monitor.runtime.outputs import align_step_outputs, block_text, cut_sequences
+from monitor.runtime.outputs import align_step_outputs, cut_sequences
 from monitor.runtime.stream import HoldingStreamer
 
 if TYPE_CHECKING:
@@ -145,5 +145,3 @@ def evaluate_last_token(monitor: Monitor, request: HFRequest, out: Any) -> None:
         request.positions_done = length - 1
         model(input_ids=sequences, attention_mask=full_mask, use_cache=False)
 
-
-__all__ = ["StopRows", "block_text", "monitored_generate", "run_generate", "evaluate_last_token"]

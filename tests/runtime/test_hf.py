@@ -11,6 +11,7 @@ from monitor.sae import SAE
 from monitor.errors import Blocked, MonitorUnavailable
 from monitor.runtime.hf import Monitor
 from monitor.testing import failing_sae, rule_yaml, tied_sae
+from monitor.testing import monitor_blocking_at as blocking_monitor
 
 LAYER = 2
 GEN = dict(max_new_tokens=8, do_sample=False)
@@ -35,31 +36,13 @@ def latent_trace(model, sae, sequence, latent=0):
     return sae.encode(resid)[0, :, latent]
 
 
-def threshold_firing_at(trace, prompt_len, index):
-    """A threshold that the response's token ``index`` exceeds and no earlier token does."""
-    response = trace[prompt_len:]
-    earlier = response[:index].max() if index else torch.tensor(-1.0)
-    value = response[index]
-    assert value > earlier, "pick another index for this seed"
-    return float((earlier + value) / 2)
-
-
 def monitor_blocking_at(model, tok, prompt, plain, tmp_path) -> tuple[Monitor, int, float]:
     """A Monitor whose block rule (latent 0 above ``thr``) first fires at response token
-    ``index`` of the greedy ``plain``; returns the monitor, ``index`` and ``thr``."""
-    sae = make_sae()
-    trace = latent_trace(model, sae, plain)
-    index = pick_index(trace, prompt.shape[1])
-    thr = threshold_firing_at(trace, prompt.shape[1], index)
-    return Monitor(model, tok, sae=sae, policies=policy(tmp_path, rule(above=thr)), self_test=False), index, thr
-
-
-def pick_index(trace, prompt_len):
-    response = trace[prompt_len:]
-    for i in range(1, len(response) - 1):
-        if response[i] > response[:i].max() and response[i] > 0:
-            return i
-    pytest.skip("no strictly new maximum in this trace")
+    ``index`` of the greedy ``plain`` (the shared builder; skips when this seed has none)."""
+    built = blocking_monitor(model, tok, plain, prompt.shape[1], layer=LAYER)
+    if built is None:
+        pytest.skip("no strictly new maximum in this trace")
+    return built
 
 
 def test_quiet_policy_is_identical_to_unmonitored(setup, tmp_path):
