@@ -176,13 +176,12 @@ class CompiledPolicy:
             if state.batch_size != 1:
                 raise EngineError(f"step_many takes one-row states (one per request), got a state of "
                                   f"batch size {state.batch_size}; use step() for a batched request")
+            if state.owner is not self._token or state.device != states[0].device:
+                raise EngineError("every state passed to step_many must come from this CompiledPolicy's "
+                                  "new_state(), all on one device")
         merged = EngineState(len(states), states[0].device, states[0].owner,
                              {scope: _merge([s.scopes[scope] for s in states])})
         self._check(merged, feats, mask, scope)
-        for state in states:
-            if state.owner is not self._token or state.device != merged.device:
-                raise EngineError("every state passed to step_many must come from this CompiledPolicy's "
-                                  "new_state() on the device of feats")
         tokens = mask.shape[1]
         pos0 = [s.scopes[scope].tokens_seen for s in states]
         for state in states:
