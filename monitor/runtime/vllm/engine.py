@@ -231,7 +231,10 @@ class VLLMMonitor:
         started = time.perf_counter()
         ids = self.prompt_ids(prompt)
         request_id = uuid.uuid4().hex
-        params = SamplingParams(**{"temperature": 0.0, **sampling}, max_tokens=max_tokens + 1,
+        # The monitor decodes the text it releases itself (it holds back the newest token), so
+        # vLLM's own detokenizer would only repeat that work, unless stop strings need it.
+        defaults = {"temperature": 0.0, "detokenize": bool(sampling.get("stop"))}
+        params = SamplingParams(**{**defaults, **sampling}, max_tokens=max_tokens + 1,
                                 extra_args={EXTRA_ARGS_KEY: request_id})
         self.requests += 1
         tokens: list[int] = []
