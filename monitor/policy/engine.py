@@ -112,13 +112,7 @@ class CompiledPolicy:
         dev = torch.empty(0, device=device).device  # normalised: "cuda" -> "cuda:0"
         scopes: dict[str, ScopeState] = {}
         for scope in SCOPES:
-            prog = self.programs[scope]
-            w = prog.max_window
-            scopes[scope] = ScopeState(
-                tokens_seen=0,
-                history=torch.zeros(batch_size, w, prog.n_window, device=dev),
-                history_valid=torch.zeros(batch_size, w, dtype=torch.bool, device=dev),
-                runs=torch.zeros(batch_size, prog.n_consec, dtype=torch.long, device=dev))
+            scopes[scope] = ScopeState.fresh(self.programs[scope], batch_size, dev)
         return EngineState(batch_size, dev, self._token, scopes,
                            [{} for _ in range(batch_size)])
 

@@ -148,6 +148,10 @@ class Session:
         peak = feats.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
         old_peak = self.report.peaks.get(scope)
         self.report.peaks[scope] = peak if old_peak is None else torch.maximum(old_peak, peak)
+        total = feats.double().masked_fill(~mask[..., None], 0.0).sum(1)  # scope means (eval)
+        old_sum, old_n = self.report.sums.get(scope), self.report.counts.get(scope)
+        self.report.sums[scope] = total if old_sum is None else old_sum + total
+        self.report.counts[scope] = mask.sum(1) if old_n is None else old_n + mask.sum(1)
         result = self.policy.step(self.state, feats, mask, scope, require_finite=True)
         return self._record(result, scope)
 
