@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from monitor.errors import MonitorError
+
 if TYPE_CHECKING:
     from monitor.policy import SteerDirective
     from monitor.runtime.encoder import FeatureEncoder
@@ -48,6 +50,11 @@ class HFRequest:
     def __init__(self, session: Session, encoder: FeatureEncoder, *, owner: object,
                  special_ids: torch.Tensor, include_special_tokens: bool,
                  attention_mask: torch.Tensor | None, scan_prompt_len: int | None = None) -> None:
+        if encoder.extra_layers:
+            raise MonitorError(f"this policy reads probes at layer(s) {list(encoder.extra_layers)} besides "
+                               f"the SAE's layer {encoder.sae_layer}; live generation hooks only the SAE's "
+                               "layer in this version. Use scan / scan_many / sae-monitor eval for such "
+                               "probes, or refit them at the SAE's layer")
         self.session = session
         self.encoder = encoder
         self.owner = owner
