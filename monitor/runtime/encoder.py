@@ -10,7 +10,8 @@ rules. TopK SAEs need the full encode (a latent's value depends on every other l
 A catalog probe may read another layer than the SAE's (``layer:`` in the catalog):
 :attr:`FeatureEncoder.extra_layers` lists those layers, and ``encode(resid, extra)`` takes their
 residuals (``extra[layer]``, same positions) and writes those probes' columns; the SAE's layer
-stays one fused matmul. Steering a probe read at another layer is refused (edits apply at the
+stays one fused matmul. The scan hooks every such layer; live generation the earlier ones
+(:meth:`~monitor.runtime.hf_request.HFRequest.layer_hooks`). Steering a probe read at another layer is refused (edits apply at the
 SAE's layer only).
 
 It also turns steering directives into residual edits: ``residual += (target - a) * direction``

@@ -97,13 +97,28 @@ def test_the_forward_stops_after_the_deepest_layer_read(model12, tiny_tokenizer,
     mon.close()
 
 
-def test_generation_and_steering_refuse_other_layers_with_the_fix(model12, tiny_tokenizer, tmp_path):
+def test_generation_reads_earlier_layers_and_refuses_later_ones(model12, tiny_tokenizer, tmp_path):
+    catalog, tensors = catalog_with(tmp_path, {"l2": 2, "l9": 9, "own": None})
+    prompt = torch.tensor([tiny_tokenizer(PROMPT)["input_ids"]])
+    mon = Monitor(model12, tiny_tokenizer, sae=tied_sae(SAE_LAYER), policies=watching(["t.l2", "t.own"], catalog),
+                  catalog=catalog, self_test=False)
+    mon.generate(prompt, max_new_tokens=3, do_sample=False)
+    report = mon.last_report
+    with torch.no_grad():  # the prompt's monitored tokens (position 0 is not), read at layer 2
+        resid = capture(model12, prompt, HookPoint(2))[0, 1:]
+    expected = float((resid @ tensors["l2.weight"] + tensors["l2.bias"]).max())
+    assert report.peak("t.l2", scope="prompt") == pytest.approx(max(0.0, expected), rel=1e-4, abs=1e-4)
+    assert report.tokens_monitored["response"] > 0 and report.error is None
+    mon.close()
+    later = Monitor(model12, tiny_tokenizer, sae=tied_sae(SAE_LAYER), policies=watching(["t.l9"], catalog),
+                    catalog=catalog, self_test=False, on_error="open")
+    with pytest.raises(MonitorError, match=r"layer\(s\) \[9\], after the SAE's layer 6.*scan"):
+        later.generate(prompt, max_new_tokens=2)
+    later.close()
+
+
+def test_steering_a_probe_read_at_another_layer_is_refused_with_the_fix(model12, tiny_tokenizer, tmp_path):
     catalog, _ = catalog_with(tmp_path, {"l9": 9, "own": None})
     with pytest.raises(MonitorError, match="steers probe 't.l9', which reads layer 9"):
         Monitor(model12, tiny_tokenizer, sae=tied_sae(SAE_LAYER), policies=watching([], catalog, steer="t.l9"),
                 catalog=catalog, self_test=False).scan(RESPONSE)
-    mon = Monitor(model12, tiny_tokenizer, sae=tied_sae(SAE_LAYER), policies=watching(["t.l9"], catalog),
-                  catalog=catalog, self_test=False, on_error="open")
-    with pytest.raises(MonitorError, match=r"live generation hooks only the SAE's layer.*scan"):
-        mon.generate(torch.tensor([tiny_tokenizer(PROMPT)["input_ids"]]), max_new_tokens=2)
-    mon.close()
