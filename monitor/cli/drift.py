@@ -57,7 +57,7 @@ def add_parser(subparsers: Any, parents: Any = None) -> None:
     p.add_argument("--include-text", action="store_true",
                    help="put prompts, answers and contexts in the JSON (off: no text leaves the report)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_drift)
+    p.set_defaults(func=cmd_drift, batch_size=None)   # None: Options' default, sized for generation
 
 
 def _progress(err: TextIO, quiet: bool) -> Any:
@@ -92,7 +92,8 @@ def cmd_drift(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
         torch.set_num_threads(args.threads)
     options = Options(max_new_tokens=args.max_new_tokens, passes=passes, seed=args.seed, fdr=args.fdr,
-                      batch_size=args.batch_size, kl_tokens=args.kl_tokens, lens_tokens=args.lens_tokens)
+                      batch_size=args.batch_size or Options.batch_size, kl_tokens=args.kl_tokens,
+                      lens_tokens=args.lens_tokens)
     result = drift(args.base, args.candidate, prompts=args.prompts, texts=args.texts, sae=args.sae,
                    catalog=args.catalog, policies=args.policies, options=options,
                    progress=_progress(err, args.quiet))

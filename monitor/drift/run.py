@@ -47,7 +47,8 @@ class Options:
     passes: tuple[str, ...] = ("greedy", "sampled")
     seed: int = 0
     fdr: float = 0.05
-    batch_size: int = 16
+    batch_size: int = 32           # prompts per generate call; items per teacher-forced batch
+    max_batch_tokens: int = 4096   # padded tokens per teacher-forced batch
     ctx: int = 256
     kl_tokens: int = 32
     lens_tokens: int = 8
@@ -148,10 +149,6 @@ class _Stage:
             self.progress(self.name, advance, self.total)
 
 
-def _own_items(behaviour: beh.Behaviour) -> list[tf.Item]:
-    return [tf.Item(tuple(t.ids), len(t.prompt_ids)) for row in behaviour.transcripts for t in row if t.response_ids]
-
-
 class DriftCheck:
     """A base model measured once, against which candidates are compared one at a time.
 
@@ -176,7 +173,6 @@ class DriftCheck:
         self.items = [tf.Item(tuple(t.ids), len(t.prompt_ids)) for t in self.base_beh.transcripts[0]] + self.text_items
         self.text_rows = torch.arange(n_prompts, n_prompts + len(prep.texts))
         self.base_tf = self._measure(self.base_model, self.items, "base: teacher-forced")
-        self.base_own = self._measure(self.base_model, _own_items(self.base_beh), "base: own answers")
 
     def _get(self, source: ld.ModelSource) -> tuple[Any, Any]:
         return self.models.get(source.spec) or ld.load(source, self.prep.base)
@@ -185,12 +181,13 @@ class DriftCheck:
         o = self.options
         return beh.answer(model, self.tokenizer, self.prep.sae, self.shadow, self.prep.catalog, self.prep.prompts,
                           max_new_tokens=o.max_new_tokens, passes=o.passes, seed=o.seed, batch_size=o.batch_size,
-                          temperature=o.temperature,
+                          temperature=o.temperature, columns=self.columns,
                           progress=_Stage(self.progress, f"{label}: answer", len(self.prep.prompts) * len(o.passes)))
 
     def _measure(self, model: Any, items: Sequence[tf.Item], label: str) -> tf.Measurement:
         return tf.measure(model, self.tokenizer, self.prep.sae, self.columns, items,
-                          batch_size=max(1, self.options.batch_size // 2), ctx=self.options.ctx,
+                          batch_size=self.options.batch_size, max_batch_tokens=self.options.max_batch_tokens,
+                          ctx=self.options.ctx,
                           lens_tokens=self.options.lens_tokens, progress=_Stage(self.progress, label, len(items)))
 
     def compare(self, candidate: str | Path | ld.ModelSource) -> CandidateDrift:
@@ -203,20 +200,21 @@ class DriftCheck:
         label = source.label
         cand_beh = self._answer(cand_model, label)
         cand_tf = self._measure(cand_model, self.items, f"{label}: teacher-forced")
-        cand_own = self._measure(cand_model, _own_items(cand_beh), f"{label}: own answers")
         kl_items, kl_pos = tf.next_token_kl(self.base_model, cand_model, self.tokenizer, self.text_items,
-                                            n_tokens=o.kl_tokens, batch_size=max(1, o.batch_size // 2),
+                                            n_tokens=o.kl_tokens, batch_size=o.batch_size,
                                             progress=_Stage(self.progress, f"{label}: KL", len(self.text_items)))
         ups, downs, n_up, n_down, t = vd.moved_latents(self.base_tf, cand_tf, self.names, s)
         null_t = vd.null_threshold(self.base_tf, cand_tf, t, self.columns.latents, s)
-        feats = vd.features(self.columns, self.base_tf, cand_tf, self.base_own, cand_own, null_t, s)
+        assert self.base_beh.answer_features is not None and cand_beh.answer_features is not None
+        feats = vd.features(self.columns, self.base_tf, cand_tf, self.base_beh.answer_features,
+                            cand_beh.answer_features, null_t, s)
         fvu = vd.fvu(self.base_tf, cand_tf)
         warnings = []
         if fvu.worse:
             warnings.append(f"the SAE fits the candidate clearly worse (FVU {fvu.candidate:.3f} vs {fvu.base:.3f} "
                             "under the base): latent changes are suspect")
-        ups, downs = _with_contexts(ups, downs, cand_model, self.base_model, self.tokenizer, prep.sae,
-                                    self.base_beh, prep.texts, o)
+        ups, downs = _with_contexts(ups, downs, (cand_model, cand_tf), (self.base_model, self.base_tf),
+                                    self.tokenizer, prep.sae, self.base_beh, prep.texts, o)
         return CandidateDrift(
             candidate=str(source.spec),
             rules=vd.rules([r.id for r in prep.policy.rules], [r.mode for r in prep.policy.rules],
@@ -264,26 +262,34 @@ def drift(base: str | Path = "default", candidates: Sequence[str | Path] = (), *
     return check.result(results)
 
 
-def _with_contexts(ups: tuple, downs: tuple, cand_model: Any, base_model: Any, tokenizer: Any, sae: SAE,
-                   base_beh: beh.Behaviour, texts: Sequence[str], options: Options) -> tuple[tuple, tuple]:
+def _with_contexts(ups: tuple, downs: tuple, cand: tuple[Any, tf.Measurement], base: tuple[Any, tf.Measurement],
+                   tokenizer: Any, sae: SAE, base_beh: beh.Behaviour, texts: Sequence[str],
+                   options: Options) -> tuple[tuple, tuple]:
     """Attach top contexts (from :func:`monitor.explain.scan_latents`) to the most-moved
-    latents: under the candidate for latents that rose, under the base for those that fell."""
+    latents: under the candidate for latents that rose, under the base for those that fell.
+
+    The corpus is the base's greedy answers and the texts (the teacher-forced items). Only the
+    items where a chosen latent peaked highest in the teacher-forced pass (twice as many as
+    contexts are wanted, per latent) are scanned again, not the whole corpus."""
     from dataclasses import replace
 
     from monitor.explain import context_text, scan_latents
 
     if options.contexts <= 0:
         return ups, downs
-    corpus = [t.text for t in base_beh.transcripts[0] if t.text] + list(texts)
+    corpus = [t.text for t in base_beh.transcripts[0]] + list(texts)     # row i <-> teacher-forced item i
     out = []
-    for shifts, model in ((ups, cand_model), (downs, base_model)):
+    for shifts, (model, measured) in ((ups, cand), (downs, base)):
         chosen = [s.latent for s in shifts[:5]]
         if not chosen or not corpus:
             out.append(shifts)
             continue
+        peaks = measured.latent_peak[:, chosen]                               # [items, chosen]
+        top = torch.topk(peaks, k=min(2 * options.contexts, peaks.shape[0]), dim=0).indices.flatten().tolist()
+        rows = sorted({i for i in top if corpus[i]})
         try:
-            scans = scan_latents(model, tokenizer, sae, chosen, corpus, n=options.contexts, window=8,
-                                 ctx=min(options.ctx, 128), batch_size=max(1, options.batch_size // 2))
+            scans = scan_latents(model, tokenizer, sae, chosen, [corpus[i] for i in rows], n=options.contexts,
+                                 window=8, ctx=min(options.ctx, 128), batch_size=max(1, options.batch_size // 2))
         except MonitorError:
             out.append(shifts)
             continue
