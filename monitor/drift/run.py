@@ -27,6 +27,7 @@ import torch
 
 from monitor.catalog import Catalog
 from monitor.drift import behaviour as beh
+from monitor.drift import direction as dr
 from monitor.drift import load as ld
 from monitor.drift import teacher as tf
 from monitor.drift import verdict as vd
@@ -69,11 +70,13 @@ class Prepared:
     catalog: Catalog | None
     policy_set: PolicySet
     policy: CompiledPolicy
+    directions: tuple[Path, ...] = ()
 
 
 def prepare(base: str | Path, candidates: Sequence[str | Path], *, prompts: str | Path | Sequence[Prompt] | None,
             texts: str | Path | Sequence[str] | None, sae: str | Path | SAE, catalog: str | Path | Catalog | None,
-            policies: str | Path | Sequence[str | Path] | None) -> Prepared:
+            policies: str | Path | Sequence[str | Path] | None,
+            directions: Sequence[str | Path] | None = None) -> Prepared:
     """Stage 1: resolve and check every input; raises :class:`~monitor.drift.load.DriftInputError`
     (or the policy/catalog/SAE error) before a single weight is read."""
     from monitor.catalog import load_catalog
@@ -109,7 +112,16 @@ def prepare(base: str | Path, candidates: Sequence[str | Path], *, prompts: str 
     policy_set = load_policies(policies if policies is not None else shipped_policies_dir(), cat,
                                d_sae=sae_obj.cfg.d_sae)
     policy = compile_policies(policy_set, cat, d_sae=sae_obj.cfg.d_sae)
-    return Prepared(base_src, cand_srcs, tuple(prompt_list), tuple(text_list), sae_obj, cat, policy_set, policy)
+    pair_files = tuple(dr.check_pairs(p) for p in (default_directions() if directions is None else directions))
+    return Prepared(base_src, cand_srcs, tuple(prompt_list), tuple(text_list), sae_obj, cat, policy_set, policy,
+                    pair_files)
+
+
+def default_directions() -> tuple[Path, ...]:
+    """The minimal-pair sets whose directions a check follows by default: the checkout's
+    ``datasets/unsafe_code_pairs.jsonl`` (vulnerable vs fixed code) when it is there."""
+    path = Path(__file__).resolve().parents[2] / "datasets" / "unsafe_code_pairs.jsonl"
+    return (path,) if path.is_file() else ()
 
 
 def feature_columns(prep: Prepared) -> tuple[tf.Columns, set[str], dict[int, str]]:
@@ -173,6 +185,10 @@ class DriftCheck:
         self.items = [tf.Item(tuple(t.ids), len(t.prompt_ids)) for t in self.base_beh.transcripts[0]] + self.text_items
         self.text_rows = torch.arange(n_prompts, n_prompts + len(prep.texts))
         self.base_tf = self._measure(self.base_model, self.items, "base: teacher-forced")
+        point = prep.sae.hook_point
+        self.directions = [dr.pair_direction(self.base_model, self.tokenizer, point, path, ctx=options.ctx,
+                                             batch_size=options.batch_size) for path in prep.directions]
+        self.null_rows = dr.null_directions(prep.sae, self.base_tf, seed=options.seed)
 
     def _get(self, source: ld.ModelSource) -> tuple[Any, Any]:
         return self.models.get(source.spec) or ld.load(source, self.prep.base)
@@ -223,7 +239,10 @@ class DriftCheck:
             null_t=null_t, lens=vd.lens(self.base_tf, cand_tf, self.text_rows, prep.sae.W_dec.detach(), self.columns,
                                         self.names, o.lens_tokens, o.top_k),
             fvu=fvu, kl=vd.kl_summary(kl_items, kl_pos, o.kl_tokens, s),
-            drift_score=vd.drift_score(feats, self.watched, null_t), warnings=tuple(warnings),
+            drift_score=vd.drift_score(feats, self.watched, null_t),
+            directions=tuple(dr.direction_shift(d, self.base_tf, cand_tf, self.null_rows, fdr=o.fdr, seed=o.seed)
+                             for d in self.directions),
+            warnings=tuple(warnings),
             responses=tuple(tuple(t.text for t in row) for row in cand_beh.transcripts),
             seconds=time.perf_counter() - started)
 
@@ -243,16 +262,20 @@ class DriftCheck:
 def drift(base: str | Path = "default", candidates: Sequence[str | Path] = (), *,
           prompts: str | Path | Sequence[Prompt] | None = None, texts: str | Path | Sequence[str] | None = None,
           sae: str | Path | SAE = "default", catalog: str | Path | Catalog | None = None,
-          policies: str | Path | Sequence[str | Path] | None = None, options: Options = Options(),
+          policies: str | Path | Sequence[str | Path] | None = None,
+          directions: Sequence[str | Path] | None = None, options: Options = Options(),
           progress: ProgressFn | None = None, models: dict[str, tuple[Any, Any]] | None = None,
           on_candidate: Callable[[CandidateDrift], None] | None = None) -> DriftResult:
     """Compare ``candidates`` (in order) with ``base``; see the module docstring.
 
     Every input is checked before any model is loaded. ``models`` maps a model argument to an
-    already loaded ``(model, tokenizer)`` (tests, notebooks). ``on_candidate`` is called with
+    already loaded ``(model, tokenizer)`` (tests, notebooks). ``directions``: minimal-pair JSONL
+    files whose concept directions to follow (:mod:`monitor.drift.direction`; None: the
+    default set, :func:`default_directions`; ``()``: none). ``on_candidate`` is called with
     each candidate's result as soon as it is ready (long series: save as you go).
     """
-    prep = prepare(base, candidates, prompts=prompts, texts=texts, sae=sae, catalog=catalog, policies=policies)
+    prep = prepare(base, candidates, prompts=prompts, texts=texts, sae=sae, catalog=catalog, policies=policies,
+                   directions=directions)
     check = DriftCheck(prep, options=options, progress=progress, models=models)
     results = []
     for source in prep.candidates:
