@@ -12,9 +12,11 @@ shift of the items' mean residuals along each direction (:mod:`monitor.drift.dir
 * ``probe``: the shipped ``unsafe_code.probe`` weight vector (scaled by the same pairs);
 * ``control``: the sycophancy pairs' direction (a concept no fine-tune is about).
 
-It prints, per candidate and direction, the score (t over the random-latent-direction null)
-and the relative shift, on all items, the texts only and the answers only, and the AUROC of
-each over the panel (unsafe = positive), also unsafe vs fixed-code only. Usage::
+It prints, per candidate and direction, the score (the mean shift over the random-direction
+null, what ``sae-monitor drift`` reports) and the relative shift, on all items, the texts only
+and the answers only, and the AUROC of each over the panel (unsafe = positive), also unsafe vs
+fixed-code only. The primary number, fixed before the panel was run: ``pairs.all.score``; the
+others are exploratory (with 10 candidates, the best of 18 AUROCs is optimistic). Usage::
 
     python benchmarks/drift_directions.py --runs ../drift/runs/drift/ft --result runs/drift/cost.json \\
         --texts runs/drift/inputs/texts.jsonl --threads 2 --out runs/drift/directions.jsonl
