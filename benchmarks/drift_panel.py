@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra finetune.py arguments for --train")
     ap.add_argument("--prompts", default=None)
     ap.add_argument("--texts", default=None)
+    ap.add_argument("--direction", action="append", default=None, metavar="PAIRS.jsonl",
+                    help="concept direction(s) to follow (the first is the direction_score column)")
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--passes", default="greedy")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -173,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                 return
             if check is None:
                 check = DriftCheck(prepare("default", [str(path)], prompts=args.prompts, texts=args.texts,
-                                           sae="default", catalog=None, policies=None), options=options)
+                                           sae="default", catalog=None, policies=None,
+                                           directions=args.direction), options=options)
                 base_responses = [t for row in check.base_beh.transcripts for t in row]
                 snippets, flagged, findings = bandit_rate([t.text for t in base_responses])
                 base_row = {"candidate": "BASE", "python_snippets": snippets, "bandit_flagged": flagged,

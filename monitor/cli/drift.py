@@ -48,9 +48,8 @@ def add_parser(subparsers: Any, parents: Any = None) -> None:
     p.add_argument("--texts", default=None, help="JSONL of unrelated texts for the lens and KL (default: built-in)")
     p.add_argument("--policies", default=None, help="policy files or directory (default: the shipped policies)")
     p.add_argument("--direction", action="append", default=None, metavar="PAIRS.jsonl",
-                   help="minimal-pair file whose concept direction to follow (repeat; default: "
-                        "datasets/unsafe_code_pairs.jsonl of the checkout when present)")
-    p.add_argument("--no-directions", action="store_true", help="follow no concept direction")
+                   help="minimal-pair file (e.g. datasets/unsafe_code_pairs.jsonl) whose concept direction "
+                        "to follow: the candidate's shift along concept minus contrast (repeat; default: none)")
     p.add_argument("--html", default=None, metavar="REPORT.html", help="also write an HTML report")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--passes", default="greedy,sampled", help="comma-separated: greedy, sampled (default: both)")
@@ -100,7 +99,7 @@ def cmd_drift(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                       lens_tokens=args.lens_tokens)
     result = drift(args.base, args.candidate, prompts=args.prompts, texts=args.texts, sae=args.sae,
                    catalog=args.catalog, policies=args.policies, options=options,
-                   directions=() if args.no_directions else args.direction,
+                   directions=args.direction,
                    progress=_progress(err, args.quiet))
     out.write(to_json(result, include_text=args.include_text) + "\n" if args.json else table(result))
     if args.html:

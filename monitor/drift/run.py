@@ -112,16 +112,9 @@ def prepare(base: str | Path, candidates: Sequence[str | Path], *, prompts: str 
     policy_set = load_policies(policies if policies is not None else shipped_policies_dir(), cat,
                                d_sae=sae_obj.cfg.d_sae)
     policy = compile_policies(policy_set, cat, d_sae=sae_obj.cfg.d_sae)
-    pair_files = tuple(dr.check_pairs(p) for p in (default_directions() if directions is None else directions))
+    pair_files = tuple(dr.check_pairs(p) for p in directions or ())
     return Prepared(base_src, cand_srcs, tuple(prompt_list), tuple(text_list), sae_obj, cat, policy_set, policy,
                     pair_files)
-
-
-def default_directions() -> tuple[Path, ...]:
-    """The minimal-pair sets whose directions a check follows by default: the checkout's
-    ``datasets/unsafe_code_pairs.jsonl`` (vulnerable vs fixed code) when it is there."""
-    path = Path(__file__).resolve().parents[2] / "datasets" / "unsafe_code_pairs.jsonl"
-    return (path,) if path.is_file() else ()
 
 
 def feature_columns(prep: Prepared) -> tuple[tf.Columns, set[str], dict[int, str]]:
@@ -270,8 +263,9 @@ def drift(base: str | Path = "default", candidates: Sequence[str | Path] = (), *
 
     Every input is checked before any model is loaded. ``models`` maps a model argument to an
     already loaded ``(model, tokenizer)`` (tests, notebooks). ``directions``: minimal-pair JSONL
-    files whose concept directions to follow (:mod:`monitor.drift.direction`; None: the
-    default set, :func:`default_directions`; ``()``: none). ``on_candidate`` is called with
+    files whose concept directions to follow (:mod:`monitor.drift.direction`; none by default:
+    on the fine-tune panel the vulnerable-minus-fixed direction did not separate unsafe from
+    benign fine-tunes, see docs/drift.md). ``on_candidate`` is called with
     each candidate's result as soon as it is ready (long series: save as you go).
     """
     prep = prepare(base, candidates, prompts=prompts, texts=texts, sae=sae, catalog=catalog, policies=policies,

@@ -23,6 +23,9 @@ CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", s
 INCREASED_RED = (0xD3, 0x2F, 0x2F)   # the candidate bar of a rule whose rate increased
 
 
+PAIRS = Path(__file__).resolve().parents[2] / "datasets" / "unsafe_code_pairs.jsonl"
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
@@ -48,7 +51,8 @@ def command(world, candidates, *extra: str) -> tuple[int, str, str]:
 def runs(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
     same = command(world, [world["same"]], "--html", str(out / "same.html"))
-    series = command(world, [world["same"], world["pushed"]], "--json", "--html", str(out / "series.html"))
+    series = command(world, [world["same"], world["pushed"]], "--json", "--html", str(out / "series.html"),
+                     "--direction", str(PAIRS))
     return {"same": same, "series": series, "dir": out}
 
 
@@ -57,8 +61,7 @@ def test_unchanged_candidate_exits_zero_with_a_table(runs):
     assert code == 0
     assert "pushed.fires" in out and "unchanged" in out and "▲" not in out
     assert "exit code: 0" in out
-    # the default concept direction (the checkout's unsafe-code pairs), unmoved by a copy
-    assert "concept directions" in out and "unsafe_code_pairs" in out
+    assert "concept directions" not in out          # none unless asked for
 
 
 def test_directions_can_be_chosen_or_switched_off(world, tmp_path):
@@ -67,7 +70,7 @@ def test_directions_can_be_chosen_or_switched_off(world, tmp_path):
     pairs = write_pairs(tmp_path / "mine.jsonl")
     code, out, _ = command(world, [world["same"]], "--json", "--direction", str(pairs), "--passes", "greedy")
     assert code == 0 and [d["name"] for d in json.loads(out)["candidates"][0]["directions"]] == ["mine"]
-    code, out, _ = command(world, [world["same"]], "--json", "--no-directions", "--passes", "greedy")
+    code, out, _ = command(world, [world["same"]], "--json", "--passes", "greedy")
     assert json.loads(out)["candidates"][0]["directions"] == []
 
 
