@@ -27,6 +27,7 @@ from typing import Any
 from monitor.backtest.policies import PolicyVersion
 from monitor.backtest.read import FieldMap, read_file, record_from_json, record_to_json
 from monitor.backtest.results import ResultStore
+from monitor.backtest.scan import MAX_BATCH_TOKENS
 from monitor.errors import MonitorError
 from monitor.policy import CompiledPolicy
 
@@ -47,7 +48,8 @@ class ScanActor:
     """One Ray actor: builds its model + SAE once with ``factory``, then scans batches."""
 
     def __init__(self, factory: PartsFactory, policies: Sequence[CompiledPolicy], labels: Sequence[str],
-                 batch_size: int, max_tokens: int | None, include_text: bool, device: str | None) -> None:
+                 batch_size: int, max_tokens: int | None, include_text: bool, device: str | None,
+                 max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
         import torch
 
         from monitor.backtest.scan import Scanner
@@ -61,7 +63,7 @@ class ScanActor:
             model, sae = model.to(device), sae.to(device)
         self.labels, self.include_text = list(labels), include_text
         self.scanner = Scanner(model, parts.tokenizer, sae, policies, parts.catalog, batch_size=batch_size,
-                               max_tokens=max_tokens)
+                               max_tokens=max_tokens, max_batch_tokens=max_batch_tokens)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -98,7 +100,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
 
 def run_on_ray(paths: Sequence[Path], versions: Sequence[PolicyVersion], store: ResultStore, *,
                factory: PartsFactory, workers: int, batch_size: int, chunk_size: int,
-               max_tokens: int | None = None, include_text: bool = False, fields: FieldMap | None = None,
+               max_tokens: int | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
+               include_text: bool = False, fields: FieldMap | None = None,
                progress: Callable[[int, int], None] | None = None) -> None:
     """Scan every not-yet-committed record of ``paths`` on the connected cluster with
     ``workers`` actors (one GPU each when the cluster has GPUs) and commit the rows."""
@@ -114,7 +117,8 @@ def run_on_ray(paths: Sequence[Path], versions: Sequence[PolicyVersion], store: 
                         compute=ray.data.ActorPoolStrategy(size=workers),
                         fn_constructor_kwargs=dict(factory=factory, policies=[v.policy for v in versions],
                                                    labels=store.labels, batch_size=batch_size,
-                                                   max_tokens=max_tokens, include_text=include_text,
+                                                   max_tokens=max_tokens, max_batch_tokens=max_batch_tokens,
+                                                   include_text=include_text,
                                                    device="cuda" if gpus else None),
                         num_gpus=1 if gpus else 0, num_cpus=1)
     pending: list[dict[str, Any]] = []
