@@ -87,8 +87,15 @@ def test_ray_output_equals_local_and_survives_a_killed_worker(cluster, job):
     assert sum(commits) == 61
     keys = [r["key"] for r in remote.rows]
     assert len(keys) == len(set(keys)) == 61
-    assert remote.rows == local.rows
+    assert rounded(remote.rows) == rounded(local.rows)
     assert remote.summary == local.summary
+
+
+def rounded(rows):
+    """Rows with activations to 5 decimals: Ray groups records into forward batches differently
+    than the local run, and a batch's float sums differ in the last bits (~1e-7 relative)."""
+    return [{k: ([{**f, "activation": round(f["activation"], 5)} for f in v] if k.endswith("_firings") else v)
+             for k, v in r.items()} for r in rows]
 
 
 def test_ray_resumes_a_run_started_locally(cluster, job):
@@ -106,7 +113,7 @@ def test_ray_resumes_a_run_started_locally(cluster, job):
     counted = []
     remote = run_ray(cfg, tiny_parts, workers=1, on_commit=lambda n, t: counted.append(n))
     assert sum(counted) == 61 - 6
-    assert remote.rows == run_backtest(config(tmp, files, cand, old, "ref"), tiny_parts()).rows
+    assert rounded(remote.rows) == rounded(run_backtest(config(tmp, files, cand, old, "ref"), tiny_parts()).rows)
 
 
 def test_ray_with_the_default_model_matches_local(cluster, tmp_path, default_model):
