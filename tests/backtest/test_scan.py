@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from monitor.backtest.read import Conversation
 from monitor.backtest.scan import Scanner
@@ -151,3 +152,41 @@ def test_one_forward_equals_one_row_per_turn(parts, firing_policies):
     assert [r.replay for r in one] == [ONE_FORWARD] * len(one) and {r.replay for r in ref} == {PER_TURN}
     assert [r.versions for r in one] == [r.versions for r in ref]
     assert sum(len(r.versions[0].firings) for r in one) >= 10
+
+
+def test_real_tokenizer_boundary_merges_fall_back_to_per_turn_and_equal_scan(tmp_path):
+    """SmolLM2's real tokenizer on the real multi-turn conversations (a tiny random model with
+    its vocabulary): code replies starting with indentation merge with the template's newline,
+    so those conversations are planned one row per turn; every conversation still equals the
+    per-turn ``scan``s, rule by rule."""
+    import transformers as tf
+
+    from monitor.backtest.read import read_records
+    from monitor.backtest.run import Parts
+    from monitor.models import load_default_model
+    from monitor.testing import TINY, tied_sae
+    from tests.backtest.helpers import DATA
+
+    tok = load_default_model()[1]
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(**{**TINY, "vocab_size": len(tok), "max_position_embeddings": 2048}, num_key_value_heads=2)
+    parts = Parts(tf.AutoModelForCausalLM.from_config(cfg).eval(), tok, tied_sae(2), None)
+    cs = [r for r in read_records([DATA]) if isinstance(r, Conversation) and len(r.messages) > 2]
+    msgs = [c.messages for c in cs]
+    policy = compiled(write_policy(tmp_path, rule_yaml("r.block", 3, quantile_threshold(parts, msgs, 3, 0.995)),
+                                   rule_yaml("p.alert", 5, quantile_threshold(parts, msgs, 5, 0.99), scope="prompt",
+                                             actions="[log, alert]")))
+    results = Scanner(parts.model, tok, parts.sae, [policy], batch_size=8).scan(cs)
+    assert {r.replay for r in results} == {ONE_FORWARD, PER_TURN}
+    mon = Monitor(parts.model, tok, sae=parts.sae, policies=policy, self_test=False, on_error="open")
+    try:
+        earlier = 0
+        for conv, res in zip(cs, results):
+            expected, blocked = per_turn_scans(mon, conv)
+            assert firings(res) == expected, conv.id
+            assert (res.versions[0].decision == "block") == blocked, conv.id
+            earlier += any(scope == "response" and turn < len(conv.messages) - 1
+                           for turn, scope, _ in expected.values())
+    finally:
+        mon.close()
+    assert earlier >= 1, "the block rule fires in an earlier turn of some conversation"
