@@ -10,10 +10,12 @@ monitor's worker extension, installs the SAE and policies in every worker, and r
 * streamed text holds back the newest token: every older token has been evaluated, and a
   block would have ended the request in the step that evaluated it (the worker forces the stop
   token), so no token after the firing one is ever sent;
-* when the request ends, the worker's report is collected (one ``collective_rpc``): the
-  same :class:`~monitor.report.Report` the transformers path gives, built by the same core
-  :class:`~monitor.runtime.session.Session`; a blocked
-  response is cut before the firing token and ends with the rule's message.
+* when the request ends, the worker's report is collected: the same
+  :class:`~monitor.report.Report` the transformers path gives, built by the same core
+  :class:`~monitor.runtime.session.Session`; a blocked response is cut before the firing token
+  and ends with the rule's message. Requests that end together share one ``collective_rpc``
+  (each call is a round trip through the engine loop, between two forward steps: one per
+  request would cost a wave of 32 requests 32 round trips).
 
 Faults fail closed: an engine that dies mid-request raises :class:`EngineFailed` (counted in
 ``failures``), and every later call raises it at once instead of waiting.
@@ -69,6 +71,8 @@ class VLLMMonitor:
         self.failures = 0
         self.requests = 0
         self.dead: str | None = None
+        self._to_collect: dict[str, asyncio.Future[Report | None]] = {}
+        self._collector: asyncio.Future[None] | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sae-monitor-vllm", daemon=True)
         self._thread.start()
@@ -227,7 +231,10 @@ class VLLMMonitor:
         started = time.perf_counter()
         ids = self.prompt_ids(prompt)
         request_id = uuid.uuid4().hex
-        params = SamplingParams(**{"temperature": 0.0, **sampling}, max_tokens=max_tokens + 1,
+        # The monitor decodes the text it releases itself (it holds back the newest token), so
+        # vLLM's own detokenizer would only repeat that work, unless stop strings need it.
+        defaults = {"temperature": 0.0, "detokenize": bool(sampling.get("stop"))}
+        params = SamplingParams(**{**defaults, **sampling}, max_tokens=max_tokens + 1,
                                 extra_args={EXTRA_ARGS_KEY: request_id})
         self.requests += 1
         tokens: list[int] = []
@@ -268,11 +275,29 @@ class VLLMMonitor:
         return text[len(released):], text
 
     async def _collect(self, request_id: str) -> Report | None:
-        results = await self.engine.collective_rpc("sae_monitor_collect", args=(request_id,))
-        for raw in results:
-            if raw is not None:
-                return pickle.loads(raw)
-        return None
+        """The worker's report of ``request_id``, fetched with any others ending now."""
+        future: asyncio.Future[Report | None] = asyncio.get_running_loop().create_future()
+        self._to_collect[request_id] = future
+        if self._collector is None or self._collector.done():
+            self._collector = asyncio.ensure_future(self._collect_pending())
+        return await future
+
+    async def _collect_pending(self) -> None:
+        """Fetch every queued report in one ``collective_rpc`` per round, until none is queued."""
+        while self._to_collect:
+            await asyncio.sleep(0)  # let requests ending in the same engine output join this round
+            batch, self._to_collect = self._to_collect, {}
+            try:
+                per_rank = await self.engine.collective_rpc("sae_monitor_collect_many", args=(list(batch),))
+            except Exception as exc:  # noqa: BLE001 - every waiting request sees the failure
+                for future in batch.values():
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for k, future in enumerate(batch.values()):
+                raw = next((rank[k] for rank in per_rank if rank[k] is not None), None)
+                if not future.done():
+                    future.set_result(None if raw is None else pickle.loads(raw))
 
     async def _abort(self, request_id: str) -> None:
         try:

@@ -20,13 +20,14 @@ It never touches the model: it returns the directives to apply and the worker ap
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
 from monitor.policy import CompiledPolicy, SteerDirective
 from monitor.report import Report
 from monitor.runtime.encoder import FeatureEncoder
-from monitor.runtime.session import FailureMode, Session
+from monitor.runtime.session import FailureMode, Session, StepDecisions, observe_many
 from monitor.runtime.vllm.batch import Span
 
 
@@ -57,6 +58,10 @@ class RequestTracker:
             decisions = self.session.observe_features(feats[None], span.scope, mask[None])
         finally:
             self.seconds += time.perf_counter() - started
+        return self.directives(span, decisions)
+
+    def directives(self, span: Span, decisions: StepDecisions) -> list[SteerDirective]:
+        """The steering to apply at the last row of ``span`` after it decided ``decisions``."""
         if not decisions.steers or self.stopped:
             return []
         if span.scope == "prompt" and not span.ends_prompt:
@@ -78,3 +83,20 @@ class RequestTracker:
         report = self.session.finish()
         report.monitor_seconds += self.seconds
         return report
+
+
+def step_trackers(trackers: Sequence[RequestTracker], spans: Sequence[Span], feats: torch.Tensor,
+                  mask: torch.Tensor) -> list[list[SteerDirective]]:
+    """Step many requests' spans of equal length and scope at once (a decode step of every
+    running request): ``feats[N, T, F]`` / ``mask[N, T]``, row ``i`` for ``spans[i]``. The same
+    decisions as stepping each tracker alone, for one engine evaluation
+    (:func:`~monitor.runtime.session.observe_many`); the time is shared out evenly."""
+    started = time.perf_counter()
+    for tracker, span in zip(trackers, spans):
+        tracker.monitored_upto = max(tracker.monitored_upto, span.position + span.length)
+    decisions = observe_many([t.session for t in trackers], feats, spans[0].scope, mask)
+    out = [t.directives(span, d) for t, span, d in zip(trackers, spans, decisions)]
+    share = (time.perf_counter() - started) / len(trackers)
+    for tracker in trackers:
+        tracker.seconds += share
+    return out
