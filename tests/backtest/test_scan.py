@@ -116,7 +116,7 @@ def firings(result):
 
 
 @pytest.mark.parametrize("template", ["chatml", "last_marked"])
-def test_every_turn_is_evaluated_as_its_own_scan_request(parts, firing_policies, template):
+def test_every_turn_is_evaluated_as_its_own_scan_request(parts, firing_policies, template, tmp_path):
     """Per rule, the earliest firing the backtest reports (turn, scope, token) is the earliest
     over ``Monitor.scan(messages[:k + 1])`` of every turn, and it blocks exactly when one of
     those requests is blocked: from one forward (ChatML) and from per-turn rows (a template
@@ -124,7 +124,15 @@ def test_every_turn_is_evaluated_as_its_own_scan_request(parts, firing_policies,
     if template == "last_marked":
         parts = tiny_parts()
         parts.tokenizer.chat_template = LAST_MARKED
-    policy = compiled(firing_policies[0])
+    cand = write_policy(tmp_path, "")
+    (cand / "p.yaml").write_text((firing_policies[0] / "p.yaml").read_text())
+    mean = quantile_threshold(parts, [c.messages for c in convs()], 6, 0.8)
+    with open(cand / "p.yaml", "a") as f:  # running-mean rules: causal too, so prefix-exact
+        for scope in ("prompt", "response"):
+            f.write(f"  - id: mean.{scope}\n    description: test\n    severity: low\n    mode: enforce\n"
+                    f"    scope: {scope}\n    actions: [alert]\n"
+                    f"    when: {{latent: 6, above: {mean}, aggregate: {{scope_mean: {{min_tokens: 3}}}}}}\n")
+    policy = compiled(cand)
     cs = convs() + convs([{"id": "trailing", "messages": short_conversations(2)[1]["messages"] + [
         {"role": "user", "content": "rm -rf / now"}]}])
     results = Scanner(parts.model, parts.tokenizer, parts.sae, [policy], batch_size=8).scan(cs)
@@ -133,8 +141,10 @@ def test_every_turn_is_evaluated_as_its_own_scan_request(parts, firing_policies,
     mon = Monitor(parts.model, parts.tokenizer, sae=parts.sae, policies=policy, self_test=False, on_error="open")
     try:
         fired = earlier = 0
+        means = set()
         for conv, res in zip(cs, results):
             expected, blocked = per_turn_scans(mon, conv)
+            means |= {rule for rule in expected if rule.startswith("mean.")}
             assert firings(res) == expected, conv.id
             assert (res.versions[0].decision == "block") == blocked, conv.id
             fired += bool(expected)
@@ -142,6 +152,7 @@ def test_every_turn_is_evaluated_as_its_own_scan_request(parts, firing_policies,
     finally:
         mon.close()
     assert fired >= 5 and earlier >= 2, "the rules were built to fire, in earlier turns too"
+    assert means >= {"mean.prompt", "mean.response"}, "the scope-mean rules fire somewhere"
 
 
 def test_one_forward_equals_one_row_per_turn(parts, firing_policies):
