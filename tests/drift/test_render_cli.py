@@ -57,6 +57,18 @@ def test_unchanged_candidate_exits_zero_with_a_table(runs):
     assert code == 0
     assert "pushed.fires" in out and "unchanged" in out and "▲" not in out
     assert "exit code: 0" in out
+    # the default concept direction (the checkout's unsafe-code pairs), unmoved by a copy
+    assert "concept directions" in out and "unsafe_code_pairs" in out
+
+
+def test_directions_can_be_chosen_or_switched_off(world, tmp_path):
+    from tests.drift.test_direction import write_pairs
+
+    pairs = write_pairs(tmp_path / "mine.jsonl")
+    code, out, _ = command(world, [world["same"]], "--json", "--direction", str(pairs), "--passes", "greedy")
+    assert code == 0 and [d["name"] for d in json.loads(out)["candidates"][0]["directions"]] == ["mine"]
+    code, out, _ = command(world, [world["same"]], "--json", "--no-directions", "--passes", "greedy")
+    assert json.loads(out)["candidates"][0]["directions"] == []
 
 
 def test_increased_enforce_rule_exits_one_and_json_has_the_fields(runs):
@@ -67,7 +79,7 @@ def test_increased_enforce_rule_exits_one_and_json_has_the_fields(runs):
     rule = next(r for r in pushed["rules"] if r["id"] == "pushed.fires")
     assert rule["verdict"] == "increased" and rule["ci_low"] > 0
     assert pushed["enforce_increased"] == ["pushed.fires"]
-    assert {"features", "latents_up", "latents_down", "fvu", "kl"} <= set(pushed)
+    assert {"features", "latents_up", "latents_down", "fvu", "kl", "directions"} <= set(pushed)
 
 
 def test_bad_passes_option_is_one_plain_error(world):
@@ -148,6 +160,7 @@ def test_html_report_renders_in_headless_chromium(runs, tmp_path):
         shots[name] = count_colour(shot, INCREASED_RED)
     # the increased rule's bar is drawn in red; a run where nothing increased has no red at all
     assert shots["series"] > 200 and shots["same"] == 0
+    assert "Concept directions" in dom
 
 
 def test_table_and_html_from_the_api(world, tmp_path):
