@@ -39,6 +39,7 @@ from monitor.catalog import Catalog, load_catalog
 from monitor.errors import SAEMismatchError
 from monitor.policy import CompiledPolicy, PolicyStore
 from monitor.runtime.vllm.batch import Span, plan_step
+from monitor.runtime.vllm.setup import sae_layer_only
 from monitor.runtime.encoder import FeatureEncoder
 from monitor.runtime.vllm.spec import EXTRA_ARGS_KEY, MonitorSpec
 from monitor.report import Report
@@ -58,7 +59,8 @@ class WorkerMonitor:
         self.sae: SAE = load_sae(spec.sae)
         self.catalog: Catalog | None = (load_catalog(spec.catalog, d_sae=self.sae.cfg.d_sae)
                                         if spec.catalog else None)
-        self.store = PolicyStore(list(spec.policies), self.catalog, self.sae.cfg.d_sae)
+        self.store = PolicyStore(list(spec.policies), self.catalog, self.sae.cfg.d_sae,
+                                 accept=sae_layer_only(self.sae, self.catalog))
         self._encoders: dict[str, FeatureEncoder] = {}
         self.trackers: dict[str, RequestTracker] = {}
         self.finished: OrderedDict[str, Report] = OrderedDict()  # by the front end's tag
