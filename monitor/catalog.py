@@ -17,6 +17,9 @@ indices for one SAE. A catalog file looks like::
         probes_file: probes.safetensors      # default: "<catalog stem>.probes.safetensors"
         description: "Agrees with the user against the evidence"
         max_activation: 3.0
+      - name: backdoor.probe_l9
+        probe: backdoor_l9
+        layer: 9                             # a probe may read another layer (resid_post of block 9)
 
 The file is strict (unknown keys are errors) and checked when it is loaded against the SAE it
 will be used with (``sae_id``, ``d_sae``), so a wrong index fails at startup, not at the first
@@ -69,6 +72,10 @@ class FeatureEntry(NumbersNotBooleans):
     probes_file: str | None = Field(default=None, min_length=1, description=(
         "Safetensors file holding the probe, relative to the catalog file. "
         "Default: '<catalog stem>.probes.safetensors'. Only for probe features."))
+    layer: int | None = Field(default=None, ge=0, description=(
+        "Layer of the residual stream this probe reads (resid_post of that block), when it is not "
+        "the catalog's layer. Only for probe features; the runtime hooks every layer a policy "
+        "needs."))
     description: str = Field(default="", description="What the feature detects, for people.")
     max_activation: float | None = Field(default=None, gt=0, allow_inf_nan=False, description=(
         "Largest activation observed over a reference corpus. Policies use it for relative "
@@ -84,6 +91,9 @@ class FeatureEntry(NumbersNotBooleans):
         if self.probes_file is not None and self.probe is None:
             raise ValueError(f"feature '{self.name}': 'probes_file' only applies to probe "
                              "features; remove it or use 'probe:'")
+        if self.layer is not None and self.probe is None:
+            raise ValueError(f"feature '{self.name}': 'layer' only applies to probe features (an "
+                             "SAE latent is read at the SAE's layer); remove it")
         return self
 
     @property
@@ -155,6 +165,11 @@ class Catalog(NumbersNotBooleans):
     def suggest(self, name: str, n: int = 3) -> list[str]:
         """Names close to ``name`` (for did-you-mean messages)."""
         return suggest(name, self.names, n=n)
+
+    def probe_layer(self, name: str) -> int:
+        """The layer probe feature ``name`` reads: its own ``layer``, else the catalog's."""
+        entry = self.get(name)
+        return entry.layer if entry.layer is not None else self.layer
 
     def get(self, name: str) -> FeatureEntry:
         """The entry called ``name``. Raises :class:`CatalogError` with suggestions if unknown."""
@@ -278,8 +293,8 @@ class Catalog(NumbersNotBooleans):
                     row["probes_file"] = os.path.relpath(target, path.parent.resolve())
                 else:
                     row.pop("probes_file", None)
-            order = ["name", "latent", "probe", "probes_file", "description", "max_activation",
-                     "evidence"]
+            order = ["name", "latent", "probe", "probes_file", "layer", "description",
+                     "max_activation", "evidence"]
             features.append({k: row[k] for k in order if k in row})
         doc = {"sae": self.sae, "layer": self.layer, "features": features}
         path.parent.mkdir(parents=True, exist_ok=True)

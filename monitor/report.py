@@ -51,6 +51,8 @@ class Report:
     total_seconds: float = 0.0
     features: tuple[str, ...] = ()
     peaks: dict[str, torch.Tensor] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, F] over monitored tokens
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)  # [B] monitored tokens
 
     def peak(self, feature: str, scope: str = "response", row: int = 0) -> float:
         """Highest activation of a watched feature over the monitored tokens of ``scope``
@@ -62,6 +64,14 @@ class Report:
     def peak_table(self, scope: str = "response", row: int = 0) -> dict[str, float]:
         """Every watched feature's peak in ``scope`` (see :meth:`peak`)."""
         return {name: self.peak(name, scope, row) for name in self.features}
+
+    def means(self, scope: str = "response") -> torch.Tensor | None:
+        """``[B, F]`` mean of every watched feature over the monitored tokens of ``scope`` per
+        row (what a ``scope_mean`` test compares at the scope's last token); NaN for a row with
+        no monitored token; None if nothing of ``scope`` was observed."""
+        if scope not in self.sums:
+            return None
+        return self.sums[scope] / self.counts[scope].unsqueeze(-1)
 
     @property
     def outcome(self) -> Outcome:

@@ -186,3 +186,15 @@ def test_hostile_yaml_and_booleans_are_refused_with_their_line(tmp_path):
     text = str(err.value)
     assert "cat.yaml:2:8: layer: got true, a boolean, where a number belongs" in text
     assert "cat.yaml:4:23: features[0] (name: a).latent: got true, a boolean" in text
+
+
+def test_a_probe_may_name_its_own_layer_and_a_latent_may_not(tmp_path):
+    from monitor.catalog import Catalog, FeatureEntry
+
+    catalog = Catalog(sae="s", layer=15, features=(FeatureEntry(name="a.deep", probe="k", layer=9),
+                                                  FeatureEntry(name="a.here", probe="k2")))
+    assert (catalog.probe_layer("a.deep"), catalog.probe_layer("a.here")) == (9, 15)
+    with pytest.raises(ValueError, match="'layer' only applies to probe features"):
+        FeatureEntry(name="a.latent", latent=3, layer=9)
+    catalog.save(tmp_path / "c.yaml")  # the layer survives a round trip
+    assert load_catalog(tmp_path / "c.yaml").probe_layer("a.deep") == 9

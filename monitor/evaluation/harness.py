@@ -240,7 +240,9 @@ def _row(report: Any, error: str | None, policy: CompiledPolicy, scorer: RuleSco
             fired[index[hit.rule_id]] = True
     block = report.blocks.get(0)
     block_rule = index[block.rule_id] if block is not None and block.scope == "response" else None
-    return _Row(scorer.scores(peaks[0] if peaks is not None else None), fired, block_rule,
+    means = report.means("response")
+    return _Row(scorer.scores(peaks[0] if peaks is not None else None,
+                              means[0] if means is not None else None), fired, block_rule,
                 int(report.tokens_monitored.get("response", 0)), error,
                 report.peak_table("response") if peaks is not None else {})
 

@@ -105,8 +105,9 @@ def always_true_reasons(cond: Cond, catalog: Catalog | None) -> list[str]:
     JumpReLU or a top-k of ReLUs), so ``above: t`` with ``t < 0`` always holds and ``below: t``
     with ``t <= 0`` never does. A probe's score has no known range and proves nothing; a catalog
     feature counts only when ``catalog`` says it is a latent. An always-passing test keeps
-    ``window_mean``, ``count_in_window`` with ``at_least: 1`` and ``consecutive`` with
-    ``tokens: 1`` true from the first token (longer runs can still be false on short texts).
+    ``window_mean``, ``count_in_window`` with ``at_least: 1``, ``consecutive`` with
+    ``tokens: 1`` and ``scope_mean`` with ``min_tokens: 1`` true from the first token (longer
+    runs and larger ``min_tokens`` can still be false on short texts).
     ``any``/``all``/``not`` combine the verdicts (``not`` of a never-true test always holds).
     """
     judged = _judge(cond, catalog)
@@ -148,7 +149,8 @@ def _judge_leaf(leaf: Leaf, catalog: Catalog | None) -> _Judged:
     if leaf.above is not None and leaf.above < 0:
         at_once = (agg.kind in ("each_token", "window_mean")
                    or (agg.kind == "count_in_window" and agg.at_least == 1)
-                   or (agg.kind == "consecutive" and agg.tokens == 1))
+                   or (agg.kind == "consecutive" and agg.tokens == 1)
+                   or (agg.kind == "scope_mean" and agg.min_tokens == 1))
         if at_once:
             return _Judged("always", (f"{what} is never negative, so 'above: {leaf.above:g}' "
                                       "always holds",))

@@ -41,6 +41,7 @@ class _LeafSpec:
     kind: str
     tokens: int
     at_least: int
+    min_tokens: int
     label: str
     leaf: Leaf
     path: Loc
@@ -48,7 +49,7 @@ class _LeafSpec:
     def key(self) -> tuple:
         return (self.column.kind, self.column.index, self.column.name if self.column.kind ==
                 "probe" else None, self.threshold, self.above, self.kind, self.tokens,
-                self.at_least)
+                self.at_least, self.min_tokens)
 
     def resolved(self, column: int) -> ResolvedLeaf:
         written = self.leaf.comparison
@@ -58,7 +59,8 @@ class _LeafSpec:
             comparison="above" if self.above else "below", threshold=self.threshold,
             written=written, written_value=float(value),  # type: ignore[arg-type]
             aggregate=self.kind, tokens=self.tokens,  # type: ignore[arg-type]
-            at_least=self.at_least, negated=is_negated(self.path), path=self.path)
+            at_least=self.at_least, negated=is_negated(self.path), path=self.path,
+            min_tokens=self.min_tokens)
 
 
 class _Binder:
@@ -96,8 +98,8 @@ class _Binder:
             assert max_act is not None and leaf.above_relative is not None
             thr, above = leaf.above_relative * max_act, True
         agg = leaf.aggregate
-        return _LeafSpec(col, float(thr), above, agg.kind, agg.tokens, agg.at_least, leaf.label,
-                         leaf, path)
+        return _LeafSpec(col, float(thr), above, agg.kind, agg.tokens, agg.at_least,
+                         agg.min_tokens, leaf.label, leaf, path)
 
     def steer(self, rule: Rule) -> tuple[SteerSpec, ...]:
         out = []
@@ -119,7 +121,8 @@ class _Binder:
         return tuple(out)
 
 
-_KIND_ORDER = {"each_token": 0, "window_mean": 1, "count_in_window": 1, "consecutive": 2}
+_KIND_ORDER = {"each_token": 0, "window_mean": 1, "count_in_window": 1, "consecutive": 2,
+               "scope_mean": 3}
 
 
 def compile_policies(policy_set: PolicySet, catalog: Catalog | None, *,
@@ -171,7 +174,7 @@ def _build_program(scope: str, per_rule: Sequence[tuple[Rule, list[_LeafSpec], C
     """Flatten the rules covering ``scope`` into leaf arrays and tree levels."""
     chosen = [(rule, specs, cond, compiled[i]) for i, (rule, specs, cond) in enumerate(per_rule)
               if rule.scope in (scope, "both")]
-    # Unique leaves, ordered each_token | windows | consecutive.
+    # Unique leaves, ordered each_token | windows | consecutive | scope_mean.
     uniq: dict[tuple, _LeafSpec] = {}
     for _, specs, _, _ in chosen:
         for s in specs:
@@ -217,6 +220,7 @@ def _build_program(scope: str, per_rule: Sequence[tuple[Rule, list[_LeafSpec], C
 
     windows = [s for s in ordered if _KIND_ORDER[s.kind] == 1]
     consec = [s for s in ordered if s.kind == "consecutive"]
+    means = [s for s in ordered if s.kind == "scope_mean"]
     membership = torch.zeros(len(chosen), n_leaves, dtype=torch.bool)
     for r, (_, specs, _, _) in enumerate(chosen):
         for s in specs:
@@ -234,6 +238,8 @@ def _build_program(scope: str, per_rule: Sequence[tuple[Rule, list[_LeafSpec], C
         max_window=max((s.tokens for s in windows), default=0),
         cons_tokens=torch.tensor([s.tokens for s in consec], dtype=torch.long),
         max_run=max((s.tokens for s in consec), default=0),
+        n_mean=len(means),
+        mean_min_tokens=torch.tensor([s.min_tokens for s in means], dtype=torch.long),
         levels=tuple(levels),
         rule_root=torch.tensor([col(k) for k in roots], dtype=torch.long),
         rule_leaves=membership,

@@ -58,7 +58,9 @@ class ResolvedLeaf:
     said). ``column`` indexes :attr:`CompiledPolicy.features` (and ``feats[..., F]``).
     ``negated`` is True under an odd number of ``not``; ``path`` is where the test sits in the
     rule (``("when", "any", 1)``). Leaves are in :func:`~monitor.policy.tree.walk_conditions`
-    order.
+    order. ``tokens`` is the window or run length (1 otherwise), ``at_least`` the count of
+    ``count_in_window`` and ``min_tokens`` the monitored tokens a ``scope_mean`` needs before it
+    may fire (1 otherwise).
     """
 
     column: int
@@ -68,11 +70,13 @@ class ResolvedLeaf:
     threshold: float
     written: Literal["above", "below", "above_relative"]
     written_value: float
-    aggregate: Literal["each_token", "window_mean", "count_in_window", "consecutive"]
+    aggregate: Literal["each_token", "window_mean", "count_in_window", "consecutive",
+                       "scope_mean"]
     tokens: int
     at_least: int
     negated: bool
     path: tuple[str | int, ...]
+    min_tokens: int = 1
 
     @property
     def label(self) -> str:
@@ -110,7 +114,8 @@ class Hit:
     so it maps back to positions. ``feature``/``activation`` name the feature test that drove
     the firing (for combinations: among the tests that passed, the one furthest past its
     threshold relative to the threshold) and its compared value (the window mean for
-    ``window_mean``, the token's activation otherwise).
+    ``window_mean``, the running scope mean for ``scope_mean``, the token's activation
+    otherwise).
     """
 
     rule_id: str
@@ -186,8 +191,8 @@ class Program:
 
     Built by :func:`~monitor.policy.compile.compile_policies`, read by the kernels in
     :mod:`monitor.policy.kernels`. The layout is internal to the policy package: leaves are
-    ordered each_token | windows (window_mean, count_in_window) | consecutive, and the value
-    table the levels index is ``[leaves..., true, level nodes...]``.
+    ordered each_token | windows (window_mean, count_in_window) | consecutive | scope_mean, and
+    the value table the levels index is ``[leaves..., true, level nodes...]``.
     """
 
     rule_cols: torch.Tensor  # [Rs] global rule index
@@ -203,6 +208,8 @@ class Program:
     max_window: int
     cons_tokens: torch.Tensor  # [Lc] long
     max_run: int
+    n_mean: int
+    mean_min_tokens: torch.Tensor  # [Lm] long
     levels: tuple[Level, ...]
     rule_root: torch.Tensor  # [Rs] column in the value table
     rule_leaves: torch.Tensor  # [Rs, L] bool: leaf belongs to the rule's condition
@@ -212,7 +219,7 @@ class Program:
     @property
     def n_leaves(self) -> int:
         """Feature tests in this scope's program."""
-        return self.n_each + self.n_window + self.n_consec
+        return self.n_each + self.n_window + self.n_consec + self.n_mean
 
     def to(self, device: torch.device) -> Program:
         """A copy with every tensor on ``device``."""

@@ -14,12 +14,16 @@ of :mod:`monitor.policy.kernels`. There is exactly one host-device sync per step
 Windows, runs and token counters are kept per row and per scope, so a prompt evaluated in one
 call and a response evaluated one token per call give the same decisions as evaluating the
 concatenated streams in any chunking.
+
+:meth:`CompiledPolicy.step_many` steps many one-row states (the requests a serving engine runs
+concurrently) in one evaluation and one host sync, with the decisions each would get alone.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -108,13 +112,7 @@ class CompiledPolicy:
         dev = torch.empty(0, device=device).device  # normalised: "cuda" -> "cuda:0"
         scopes: dict[str, ScopeState] = {}
         for scope in SCOPES:
-            prog = self.programs[scope]
-            w = prog.max_window
-            scopes[scope] = ScopeState(
-                tokens_seen=0,
-                history=torch.zeros(batch_size, w, prog.n_window, device=dev),
-                history_valid=torch.zeros(batch_size, w, dtype=torch.bool, device=dev),
-                runs=torch.zeros(batch_size, prog.n_consec, dtype=torch.long, device=dev))
+            scopes[scope] = ScopeState.fresh(self.programs[scope], batch_size, dev)
         return EngineState(batch_size, dev, self._token, scopes,
                            [{} for _ in range(batch_size)])
 
@@ -139,24 +137,84 @@ class CompiledPolicy:
         """
         self._check(state, feats, mask, scope)
         batch, tokens = mask.shape
-        n_rules = len(self.rules)
         st = state.scopes[scope]
         pos0 = st.tokens_seen
         st.tokens_seen += tokens
         prog = self._program(scope, feats.device)
-        n_scope = prog.rule_cols.shape[0]
-        if n_scope == 0 or tokens == 0:
+        if prog.rule_cols.shape[0] == 0 or tokens == 0:
             if require_finite and tokens and not bool(torch.isfinite(feats).all()):
                 raise FloatingPointError("non-finite SAE activation")
-            fired = torch.zeros(batch, tokens, n_rules, dtype=torch.bool, device=feats.device)
-            block = torch.zeros(batch, dtype=torch.bool, device=feats.device)
-            return StepResult(fired, [], block, {}, self._in_force(state, []))
+            return self._quiet(state, feats, tokens)
         ev = evaluate(prog, st, feats.float(), mask)
+        fired, block, any_fired = self._fired(prog, ev, feats, require_finite)
+        if not any_fired:
+            return StepResult(fired, [], block, {}, self._in_force(state, []))
+        hits, blocks, now = _decisions(self.rules, prog, ev, [(state, row, pos0) for row in range(batch)],
+                                            scope, tokens)
+        return StepResult(fired, [h for _, h in hits], block, blocks, self._in_force(state, [d for _, d in now]))
+
+    def step_many(self, states: Sequence[EngineState], feats: torch.Tensor, mask: torch.Tensor,
+                  scope: StepScope, *, require_finite: bool = False) -> list[StepResult]:
+        """Step several one-row states at once: row ``i`` of ``feats[N, T, F]`` / ``mask[N, T]``
+        is the next ``T`` tokens of the request of ``states[i]``.
+
+        Why: a serving engine runs many requests concurrently, each with its own state (they
+        start and end at different times, at different positions). Stepping them one by one
+        costs a kernel sequence and a host sync per request per decode step; this costs one of
+        each for all of them. The results are exactly those of ``step(states[i], feats[i:i+1],
+        mask[i:i+1], scope)`` for every ``i`` (one :class:`StepResult` per state, rows 0).
+        """
+        if not states:
+            return []
+        for state in states:
+            if state.batch_size != 1:
+                raise EngineError(f"step_many takes one-row states (one per request), got a state of "
+                                  f"batch size {state.batch_size}; use step() for a batched request")
+            if state.owner is not self._token or state.device != states[0].device:
+                raise EngineError("every state passed to step_many must come from this CompiledPolicy's "
+                                  "new_state(), all on one device")
+        merged = EngineState(len(states), states[0].device, states[0].owner,
+                             {scope: _merge([s.scopes[scope] for s in states])})
+        self._check(merged, feats, mask, scope)
+        tokens = mask.shape[1]
+        pos0 = [s.scopes[scope].tokens_seen for s in states]
+        for state in states:
+            state.scopes[scope].tokens_seen += tokens
+        prog = self._program(scope, feats.device)
+        if prog.rule_cols.shape[0] == 0 or tokens == 0:
+            if require_finite and tokens and not bool(torch.isfinite(feats).all()):
+                raise FloatingPointError("non-finite SAE activation")
+            return [self._quiet(s, feats, tokens) for s in states]
+        ev = evaluate(prog, merged.scopes[scope], feats.float(), mask)
+        _split(merged.scopes[scope], [s.scopes[scope] for s in states])
+        fired, block, any_fired = self._fired(prog, ev, feats, require_finite)
+        if not any_fired:
+            return [StepResult(fired[i:i + 1], [], block[i:i + 1], {}, self._in_force(s, []))
+                    for i, s in enumerate(states)]
+        targets = [(s, 0, p) for s, p in zip(states, pos0)]
+        hits, blocks, now = _decisions(self.rules, prog, ev, targets, scope, tokens)
+        return [StepResult(fired[i:i + 1], [h for b, h in hits if b == i], block[i:i + 1],
+                           {0: blocks[i]} if i in blocks else {},
+                           self._in_force(s, [d for b, d in now if b == i]))
+                for i, s in enumerate(states)]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _quiet(self, state: EngineState, feats: torch.Tensor, tokens: int) -> StepResult:
+        """The result of a step where no rule of the scope can fire."""
+        fired = torch.zeros(state.batch_size, tokens, len(self.rules), dtype=torch.bool, device=feats.device)
+        block = torch.zeros(state.batch_size, dtype=torch.bool, device=feats.device)
+        return StepResult(fired, [], block, {}, self._in_force(state, []))
+
+    def _fired(self, prog: Program, ev: Evaluation, feats: torch.Tensor, require_finite: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Global-column firings, per-row block flags, and whether anything fired (the sync)."""
         rule_fired = ev.rule_fired
-        if n_scope == n_rules:
+        if prog.rule_cols.shape[0] == len(self.rules):
             fired = rule_fired  # every rule is in this scope: columns coincide
         else:
-            fired = torch.zeros(batch, tokens, n_rules, dtype=torch.bool, device=feats.device)
+            batch, tokens = rule_fired.shape[:2]
+            fired = torch.zeros(batch, tokens, len(self.rules), dtype=torch.bool, device=feats.device)
             fired.index_copy_(2, prog.rule_cols, rule_fired)
         block = (rule_fired & prog.block_rules).flatten(1).any(1)
         if require_finite:  # one host-device sync for both questions
@@ -165,12 +223,8 @@ class CompiledPolicy:
                 raise FloatingPointError("non-finite SAE activation")
         else:
             any_fired = bool(rule_fired.any())  # the one host-device sync of a quiet step
-        if not any_fired:
-            return StepResult(fired, [], block, {}, self._in_force(state, []))
-        hits, blocks, now = self._decisions(prog, ev, state, scope, pos0, tokens)
-        return StepResult(fired, hits, block, blocks, self._in_force(state, now))
+        return fired, block, bool(any_fired)
 
-    # ------------------------------------------------------------------ helpers
 
     def _check(self, state: EngineState, feats: torch.Tensor, mask: torch.Tensor,
                scope: str) -> None:
@@ -193,39 +247,6 @@ class CompiledPolicy:
             raise EngineError(f"state lives on {state.device} but feats/mask are on "
                               f"{feats.device}/{mask.device}; pass device= to new_state()")
 
-    def _decisions(self, prog: Program, ev: Evaluation, state: EngineState, scope: StepScope,
-                   pos0: int, tokens: int
-                   ) -> tuple[list[Hit], dict[int, tuple[str, str]], list[SteerDirective]]:
-        """Hits, block messages and this step's while_active steers (host side, after a fire)."""
-        idx = ev.rule_fired.nonzero()  # [H, 3] (row, token, scope-rule), sorted
-        b, t, r = idx[:, 0], idx[:, 1], idx[:, 2]
-        driver, value = drivers(prog, ev, b, t, r)
-        packed = torch.stack([b.double(), t.double(), prog.rule_cols[r].double(),
-                              driver.double(), value.double()], 1).cpu().tolist()
-        hits: list[Hit] = []
-        blocks: dict[int, tuple[str, str]] = {}
-        now: list[SteerDirective] = []
-        for row_f, tok_f, rule_f, leaf_f, val in packed:
-            row, tok, rule = int(row_f), int(tok_f), self.rules[int(rule_f)]
-            token_index = pos0 + tok
-            hits.append(Hit(rule.id, row, token_index, scope, rule.mode, rule.severity,
-                            rule.actions, prog.leaf_labels[int(leaf_f)], float(val)))
-            if not rule.enforced:
-                continue
-            if rule.block_message is not None and row not in blocks:  # hits are row/token sorted
-                blocks[row] = (rule.id, rule.block_message)
-            for k, spec in enumerate(rule.steers):
-                d = SteerDirective(row, rule.id, spec.target.index if spec.target.kind == "latent"
-                                   else None, spec.target.name if spec.target.kind == "probe"
-                                   else None, spec.op, spec.value, spec.duration, token_index,
-                                   scope)
-                if spec.duration == "rest_of_response":
-                    state.persisted[row].setdefault((rule.index, k), d)
-                    state.steering = True
-                elif tok == tokens - 1:
-                    now.append(d)
-        return hits, blocks, now
-
     @staticmethod
     def _in_force(state: EngineState, now: list[SteerDirective]) -> list[SteerDirective]:
         if not now and not state.steering:
@@ -237,6 +258,61 @@ class CompiledPolicy:
             out += [d for d in now if d.row == row]
         return out
 
+
+
+def _decisions(rules: tuple[CompiledRule, ...], prog: Program, ev: Evaluation, targets: Sequence[tuple[EngineState, int, int]],
+               scope: StepScope, tokens: int
+               ) -> tuple[list[tuple[int, Hit]], dict[int, tuple[str, str]], list[tuple[int, SteerDirective]]]:
+    """Hits, block messages and this step's while_active steers (host side, after a fire),
+    each keyed by its row of ``ev``. ``targets[b]`` says whose row ``b`` is: (the state it
+    updates, the row within that state, the state's token count before this step)."""
+    idx = ev.rule_fired.nonzero()  # [H, 3] (row, token, scope-rule), sorted
+    b, t, r = idx[:, 0], idx[:, 1], idx[:, 2]
+    driver, value = drivers(prog, ev, b, t, r)
+    packed = torch.stack([b.double(), t.double(), prog.rule_cols[r].double(),
+                          driver.double(), value.double()], 1).cpu().tolist()
+    hits: list[tuple[int, Hit]] = []
+    blocks: dict[int, tuple[str, str]] = {}
+    now: list[tuple[int, SteerDirective]] = []
+    for row_f, tok_f, rule_f, leaf_f, val in packed:
+        slot, tok, rule = int(row_f), int(tok_f), rules[int(rule_f)]
+        state, row, pos0 = targets[slot]
+        token_index = pos0 + tok
+        hits.append((slot, Hit(rule.id, row, token_index, scope, rule.mode, rule.severity,
+                            rule.actions, prog.leaf_labels[int(leaf_f)], float(val))))
+        if not rule.enforced:
+            continue
+        if rule.block_message is not None and slot not in blocks:  # hits are row/token sorted
+            blocks[slot] = (rule.id, rule.block_message)
+        for k, spec in enumerate(rule.steers):
+            d = SteerDirective(row, rule.id, spec.target.index if spec.target.kind == "latent"
+                               else None, spec.target.name if spec.target.kind == "probe"
+                               else None, spec.op, spec.value, spec.duration, token_index,
+                               scope)
+            if spec.duration == "rest_of_response":
+                state.persisted[row].setdefault((rule.index, k), d)
+                state.steering = True
+            elif tok == tokens - 1:
+                now.append((slot, d))
+    return hits, blocks, now
+
+
+def _merge(parts: list[ScopeState]) -> ScopeState:
+    """One state whose rows are ``parts`` in order (every tensor field is batch-first)."""
+    values = {f.name: getattr(parts[0], f.name) for f in fields(ScopeState)}
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor):
+            values[name] = torch.cat([getattr(p, name) for p in parts])
+    return ScopeState(**values)
+
+
+def _split(merged: ScopeState, parts: list[ScopeState]) -> None:
+    """Write row ``i`` of ``merged``'s tensor fields back into ``parts[i]``."""
+    for f in fields(ScopeState):
+        value = getattr(merged, f.name)
+        if isinstance(value, torch.Tensor):
+            for part, row in zip(parts, value.split(1)):
+                setattr(part, f.name, row)
 
 
 def __getattr__(name: str) -> Any:

@@ -8,11 +8,18 @@ Everything is batched over ``[batch, tokens, leaves]``; nothing here syncs with 
   window starts in the monitored-token stream, so masked tokens never enter a window;
 * ``consecutive`` keeps a run length per row and leaf and updates it with a ``cummax`` of the
   positions of failing tokens;
+* ``scope_mean`` keeps a running sum per row and leaf and a monitored-token count per row; the
+  carried sum is the first term of the chunk's ``cumsum``, so the additions happen in the same
+  order whatever the chunking (one call or one token per call give identical decisions);
 * the ``any``/``all``/``not`` tree is flattened into levels; each level is one gather and one
   ``all`` (``any(x) = not all(not x)``).
 
 A NaN activation fails every feature test (so a ``not`` around it passes); a NaN inside a
-``window_mean`` window fails that test while it is in the window.
+``window_mean`` window fails that test while it is in the window, and a NaN in a
+``scope_mean`` fails that test for the rest of the scope (it stays in the mean).
+
+Every per-row tensor of :class:`ScopeState` has the batch dimension first, so states of
+several requests can be concatenated along dim 0 and split back.
 """
 
 from __future__ import annotations
@@ -29,12 +36,28 @@ _NEVER = -(1 << 40)
 
 @dataclass
 class ScopeState:
-    """Per-scope engine state of one request: token counter, window history, run lengths."""
+    """Per-scope engine state of one request: token counter, window history, run lengths,
+    running sums. Every tensor field is per row, batch dimension first."""
 
     tokens_seen: int
     history: torch.Tensor  # [B, W, Lw] last W monitored raw values of window leaves
     history_valid: torch.Tensor  # [B, W] right-aligned
     runs: torch.Tensor  # [B, Lc] current run length of consecutive leaves
+    mean_sum: torch.Tensor  # [B, Lm] running sum of scope_mean leaves (float64; float32 on mps)
+    mean_count: torch.Tensor  # [B] monitored tokens so far (long)
+
+    @classmethod
+    def fresh(cls, prog: Program, batch_size: int, device: torch.device) -> ScopeState:
+        """Empty state for ``batch_size`` rows of ``prog`` on ``device``."""
+        return cls(
+            tokens_seen=0,
+            history=torch.zeros(batch_size, prog.max_window, prog.n_window, device=device),
+            history_valid=torch.zeros(batch_size, prog.max_window, dtype=torch.bool,
+                                      device=device),
+            runs=torch.zeros(batch_size, prog.n_consec, dtype=torch.long, device=device),
+            mean_sum=torch.zeros(batch_size, prog.n_mean, dtype=_sum_dtype(device),
+                                 device=device),
+            mean_count=torch.zeros(batch_size, dtype=torch.long, device=device))
 
 
 @dataclass
@@ -42,7 +65,7 @@ class Evaluation:
     """Per-token results of one chunk: leaf tests, their compared values, rule firings."""
 
     leaf_fired: torch.Tensor  # [B, T, L]
-    leaf_value: torch.Tensor  # [B, T, L] compared value (window mean for window_mean)
+    leaf_value: torch.Tensor  # [B, T, L] compared value (window or scope mean for the means)
     rule_fired: torch.Tensor  # [B, T, Rs]
 
 
@@ -56,6 +79,7 @@ def evaluate(prog: Program, st: ScopeState, feats: torch.Tensor,
     x = feats.index_select(2, prog.leaf_col)  # [B, T, L]
     passed = _compare(x, prog.leaf_thr, prog.leaf_above) & mask.unsqueeze(-1)
     e, w = prog.n_each, prog.n_each + prog.n_window
+    c = w + prog.n_consec
     parts_fired = [passed[..., :e]]
     parts_value = [x[..., :e]]
     if prog.n_window:
@@ -63,8 +87,12 @@ def evaluate(prog: Program, st: ScopeState, feats: torch.Tensor,
         parts_fired.append(f)
         parts_value.append(v)
     if prog.n_consec:
-        parts_fired.append(_consecutive(prog, st, passed[..., w:], mask))
-        parts_value.append(x[..., w:])
+        parts_fired.append(_consecutive(prog, st, passed[..., w:c], mask))
+        parts_value.append(x[..., w:c])
+    if prog.n_mean:
+        f, v = _scope_means(prog, st, x[..., c:], mask)
+        parts_fired.append(f)
+        parts_value.append(v)
     leaf_fired = torch.cat(parts_fired, -1)
     values = torch.cat([leaf_fired, torch.ones_like(leaf_fired[..., :1])], -1)
     for lv in prog.levels:
@@ -132,6 +160,26 @@ def _consecutive(prog: Program, st: ScopeState, passed: torch.Tensor,
     run = counts - last_break  # monitored tokens since the last failing one
     st.runs = run[:, -1].clamp(max=prog.max_run)
     return passed & (run >= prog.cons_tokens)
+
+
+def _scope_means(prog: Program, st: ScopeState, x: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scope-mean leaves: (fired, running mean over every monitored token of the scope)."""
+    lo = prog.n_leaves - prog.n_mean
+    dt = st.mean_sum.dtype
+    contrib = torch.where(mask.unsqueeze(-1), x.to(dt), torch.zeros((), dtype=dt,
+                                                                    device=x.device))
+    # The carried sum leads the cumsum: the same sequence of additions in any chunking.
+    sums = torch.cat([st.mean_sum.unsqueeze(1), contrib], 1).cumsum(1)[:, 1:]  # [B, T, Lm]
+    counts = st.mean_count.unsqueeze(1) + mask.long().cumsum(1)  # [B, T]
+    n = counts.unsqueeze(-1).to(dt)
+    thr = prog.leaf_thr[lo:].to(dt)
+    ok = torch.where(prog.leaf_above[lo:], sums > thr * n, sums < thr * n)
+    enough = counts.unsqueeze(-1) >= prog.mean_min_tokens
+    fired = ok & enough & mask.unsqueeze(-1)
+    st.mean_sum = sums[:, -1]
+    st.mean_count = counts[:, -1]
+    return fired, (sums / n.clamp(min=1)).to(x.dtype)
 
 
 def drivers(prog: Program, ev: Evaluation, b: torch.Tensor, t: torch.Tensor,

@@ -31,7 +31,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -113,12 +113,21 @@ def _version_id(files: Sequence[LoadedFile], rules: Sequence[Rule]) -> str:
 
 
 def _hashed(rule: Rule) -> dict:
-    """The rule as hashed: ``allow_always_true`` only when set, so ids from before the key
-    existed do not change."""
+    """The rule as hashed: ``allow_always_true`` and the ``scope_mean`` aggregate only when set,
+    so ids from before those keys existed do not change."""
     data = rule.model_dump(mode="json", by_alias=True)
     if not data.get("allow_always_true"):
         data.pop("allow_always_true", None)
-    return data
+    return _without_unset(data, "scope_mean")
+
+
+def _without_unset(node: Any, key: str) -> Any:
+    """``node`` with every ``key: None`` entry removed, at any depth."""
+    if isinstance(node, dict):
+        return {k: _without_unset(v, key) for k, v in node.items() if not (k == key and v is None)}
+    if isinstance(node, list):
+        return [_without_unset(v, key) for v in node]
+    return node
 
 
 def policy_files(paths: str | Path | Sequence[str | Path]) -> tuple[list[Path], list[str]]:

@@ -28,8 +28,8 @@ Conditions. A *feature test* reads one column and compares it with a threshold::
     when: {latent: 4711, below: 0.1}                      # ... or a raw SAE latent
     when: {feature: deception.lying, above_relative: 0.5} # 50% of the catalog's max_activation
 
-By default each token is tested on its own. ``aggregate`` looks at the recent tokens instead
-(windows count only tokens that are monitored, i.e. not masked out)::
+By default each token is tested on its own. ``aggregate`` looks at more tokens instead (only
+monitored tokens count, i.e. not masked out; see :mod:`monitor.policy.aggregates`)::
 
     when:
       feature: toxicity.insult
@@ -37,6 +37,7 @@ By default each token is tested on its own. ``aggregate`` looks at the recent to
       aggregate: {window_mean: {tokens: 8}}                # mean of the last 8 tokens > 1.0
       # aggregate: {count_in_window: {tokens: 20, at_least: 3}}  # 3 of the last 20 tokens > 1.0
       # aggregate: {consecutive: {tokens: 4}}                # 4 tokens in a row > 1.0
+      # aggregate: {scope_mean: {min_tokens: 8}}             # mean over the whole scope > 1.0
       # aggregate: each_token                                # the default
 
 Feature tests combine with ``any`` (at least one), ``all`` (every one) and ``not``::
@@ -83,143 +84,18 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Fie
                       WithJsonSchema, model_validator)
 
 from monitor.catalog import FEATURE_NAME_PATTERN
-from monitor.yaml_source import NumbersNotBooleans
+from monitor.policy.aggregates import (AGGREGATIONS, MAX_WINDOW, Aggregate,  # noqa: F401 (re-exported)
+                                      Consecutive, CountInWindow, EachToken, ScopeMean, WindowMean)
+from monitor.policy.strict import Strict, one_of, shorthand
 
 Severity = Literal["info", "low", "medium", "high", "critical"]
 Mode = Literal["enforce", "shadow"]
 Scope = Literal["prompt", "response", "both"]
 Duration = Literal["rest_of_response", "while_active"]
-MAX_WINDOW = 4096
 MAX_RELATIVE = 10.0
 RULE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 SIMPLE_ACTIONS = ("log", "metric", "alert")
 COMBINATORS = ("any", "all", "not")
-
-
-class _Strict(NumbersNotBooleans):
-    """Frozen, unknown keys forbidden, no NaN/inf, no booleans for numbers: policy YAML is never
-    silently reinterpreted."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True,
-                              allow_inf_nan=False)
-
-
-def _one_of(model: BaseModel, names: tuple[str, ...], what: str) -> str:
-    """The single field among ``names`` that is set, or a ValueError explaining the choice."""
-    chosen = [n for n in names if getattr(model, n) is not None]
-    if len(chosen) != 1:
-        options = ", ".join(f"'{n}'" for n in names)
-        got = "none" if not chosen else ", ".join(f"'{n}'" for n in chosen)
-        raise ValueError(f"{what}: give exactly one of {options} (got {got})")
-    return chosen[0]
-
-
-def _shorthand(value: Any, keys: tuple[str, ...]) -> Any:
-    """``"log"`` -> ``{"log": {}}`` and ``{"log": None}`` -> ``{"log": {}}`` (option-less keys)."""
-    if isinstance(value, str):
-        return {value: {}}
-    if isinstance(value, dict):
-        return {k: ({} if v is None and k in keys else v) for k, v in value.items()}
-    return value
-
-
-# -------------------------------------------------------------------------------- aggregation
-
-
-class EachToken(_Strict):
-    """Test every token on its own (the default)."""
-
-
-class WindowMean(_Strict):
-    """Compare the mean activation over the last ``tokens`` monitored tokens with the threshold.
-
-    Until ``tokens`` tokens have been seen the mean is over those seen so far, so short texts
-    are still judged. Example: ``aggregate: {window_mean: {tokens: 8}}``.
-    """
-
-    tokens: int = Field(ge=1, le=MAX_WINDOW, description=(
-        f"Window length in monitored tokens (1..{MAX_WINDOW})."))
-
-
-class CountInWindow(_Strict):
-    """Fire when at least ``at_least`` of the last ``tokens`` monitored tokens pass the test.
-
-    Example: ``aggregate: {count_in_window: {tokens: 20, at_least: 3}}``.
-    """
-
-    tokens: int = Field(ge=1, le=MAX_WINDOW, description=(
-        f"Window length in monitored tokens (1..{MAX_WINDOW})."))
-    at_least: int = Field(ge=1, description="How many tokens in the window must pass (<= tokens).")
-
-    @model_validator(mode="after")
-    def _fits(self) -> CountInWindow:
-        if self.at_least > self.tokens:
-            raise ValueError(f"at_least ({self.at_least}) cannot exceed tokens ({self.tokens}); "
-                             "a window can never hold more passing tokens than its length")
-        return self
-
-
-class Consecutive(_Strict):
-    """Fire when the last ``tokens`` monitored tokens all pass the test.
-
-    Example: ``aggregate: {consecutive: {tokens: 4}}``.
-    """
-
-    tokens: int = Field(ge=1, le=MAX_WINDOW, description=(
-        f"Run length in monitored tokens (1..{MAX_WINDOW})."))
-
-
-AGGREGATIONS = ("each_token", "window_mean", "count_in_window", "consecutive")
-
-
-class Aggregate(_Strict):
-    """How tokens are combined before firing: exactly one of the four keys.
-
-    ``each_token`` may also be written as the bare word ``aggregate: each_token``.
-    """
-
-    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
-
-    each_token: EachToken | None = Field(
-        default=None, description="Test every token on its own.")
-    window_mean: WindowMean | None = Field(
-        default=None, description="Mean over the last N monitored tokens.")
-    count_in_window: CountInWindow | None = Field(
-        default=None, description="At least k of the last N monitored tokens.")
-    consecutive: Consecutive | None = Field(
-        default=None, description="N monitored tokens in a row.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _bare_word(cls, value: Any) -> Any:
-        return _shorthand(value, ("each_token",))
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Aggregate:
-        _one_of(self, AGGREGATIONS, "aggregate")
-        return self
-
-    @classmethod
-    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> Any:
-        schema = handler(core_schema)
-        return {"anyOf": [{"type": "string", "enum": ["each_token"]}, schema],
-                "description": cls.__doc__.split("\n")[0] if cls.__doc__ else ""}
-
-    @property
-    def kind(self) -> str:
-        """``each_token`` | ``window_mean`` | ``count_in_window`` | ``consecutive``."""
-        return _one_of(self, AGGREGATIONS, "aggregate")
-
-    @property
-    def tokens(self) -> int:
-        """Window or run length (1 for each_token)."""
-        inner = getattr(self, self.kind)
-        return int(getattr(inner, "tokens", 1))
-
-    @property
-    def at_least(self) -> int:
-        """For count_in_window, the required count; otherwise 1."""
-        return self.count_in_window.at_least if self.count_in_window is not None else 1
 
 
 # -------------------------------------------------------------------------------- conditions
@@ -227,7 +103,7 @@ class Aggregate(_Strict):
 COMPARISONS = ("above", "below", "above_relative")
 
 
-class Leaf(_Strict):
+class Leaf(Strict):
     """A feature test: one column (catalog ``feature`` or raw ``latent``) against a threshold.
 
     ``{feature: deception.lying, above: 2.5}`` fires on tokens whose activation is > 2.5;
@@ -252,8 +128,8 @@ class Leaf(_Strict):
 
     @model_validator(mode="after")
     def _complete(self) -> Leaf:
-        _one_of(self, ("feature", "latent"), "a feature test reads one column")
-        which = _one_of(self, COMPARISONS, "a feature test needs one threshold")
+        one_of(self, ("feature", "latent"), "a feature test reads one column")
+        which = one_of(self, COMPARISONS, "a feature test needs one threshold")
         if which == "above_relative" and self.feature is None:
             raise ValueError("above_relative needs a catalog 'feature' (it scales the feature's "
                              "max_activation); with a raw latent use 'above'")
@@ -262,7 +138,7 @@ class Leaf(_Strict):
     @property
     def comparison(self) -> str:
         """``above`` | ``below`` | ``above_relative``."""
-        return _one_of(self, COMPARISONS, "threshold")
+        return one_of(self, COMPARISONS, "threshold")
 
     @property
     def label(self) -> str:
@@ -270,19 +146,19 @@ class Leaf(_Strict):
         return self.feature if self.feature is not None else f"latent:{self.latent}"
 
 
-class AnyOf(_Strict):
+class AnyOf(Strict):
     """Fires when at least one of the listed conditions fires."""
 
     any: tuple[Condition, ...] = Field(min_length=1, description="At least one must hold.")
 
 
-class AllOf(_Strict):
+class AllOf(Strict):
     """Fires when every listed condition fires on the same token."""
 
     all: tuple[Condition, ...] = Field(min_length=1, description="Every one must hold.")
 
 
-class Not(_Strict):
+class Not(Strict):
     """Fires on monitored tokens where the inner condition does not."""
 
     not_: Condition = Field(alias="not", description="The condition that must not hold.")
@@ -316,11 +192,11 @@ for _m in (AnyOf, AllOf, Not):
 # -------------------------------------------------------------------------------- actions
 
 
-class NoOptions(_Strict):
+class NoOptions(Strict):
     """This action takes no options (yet); write it as a bare word."""
 
 
-class Block(_Strict):
+class Block(Strict):
     """Stop generating for this request and return ``message`` instead."""
 
     message: str = Field(min_length=1, description="Text returned to the user instead.")
@@ -329,7 +205,7 @@ class Block(_Strict):
 STEER_OPS = ("clamp", "clamp_relative", "scale")
 
 
-class Steer(_Strict):
+class Steer(Strict):
     """Change a feature's activation in the residual stream.
 
     The wrapper applies ``residual += (target - a) * direction``, where ``a`` is the current
@@ -356,8 +232,8 @@ class Steer(_Strict):
 
     @model_validator(mode="after")
     def _complete(self) -> Steer:
-        _one_of(self, ("feature", "latent"), "steer needs one target")
-        op = _one_of(self, STEER_OPS, "steer needs one operation")
+        one_of(self, ("feature", "latent"), "steer needs one target")
+        op = one_of(self, STEER_OPS, "steer needs one operation")
         if op == "clamp_relative" and self.feature is None:
             raise ValueError("clamp_relative needs a catalog 'feature' (it scales the feature's "
                              "max_activation); with a raw latent use 'clamp'")
@@ -366,13 +242,13 @@ class Steer(_Strict):
     @property
     def op(self) -> str:
         """``clamp`` | ``clamp_relative`` | ``scale`` as written."""
-        return _one_of(self, STEER_OPS, "steer")
+        return one_of(self, STEER_OPS, "steer")
 
 
 ACTIONS = ("log", "metric", "alert", "block", "steer")
 
 
-class Action(_Strict):
+class Action(Strict):
     """One action: a bare word (``log``, ``metric``, ``alert``) or ``block:`` / ``steer:``."""
 
     model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
@@ -391,11 +267,11 @@ class Action(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _bare_word(cls, value: Any) -> Any:
-        return _shorthand(value, SIMPLE_ACTIONS)
+        return shorthand(value, SIMPLE_ACTIONS)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Action:
-        _one_of(self, ACTIONS, "an action")
+        one_of(self, ACTIONS, "an action")
         return self
 
     @classmethod
@@ -407,7 +283,7 @@ class Action(_Strict):
     @property
     def kind(self) -> str:
         """``log`` | ``metric`` | ``alert`` | ``block`` | ``steer``."""
-        return _one_of(self, ACTIONS, "an action")
+        return one_of(self, ACTIONS, "an action")
 
 
 # -------------------------------------------------------------------------------- rules
@@ -417,7 +293,7 @@ def _number_to_str(value: Any) -> Any:
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
-class Rule(_Strict):
+class Rule(Strict):
     """One rule: when ``when`` fires in ``scope``, take ``actions``."""
 
     id: str = Field(pattern=RULE_ID_PATTERN, description=(
@@ -436,7 +312,7 @@ class Rule(_Strict):
         "enforce rule is refused, because it would block or steer every request."))
 
 
-class PolicyFile(_Strict):
+class PolicyFile(Strict):
     """A policy file: a version label and a list of rules."""
 
     model_config = ConfigDict(title="sae-monitor policy file")

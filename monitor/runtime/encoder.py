@@ -7,6 +7,13 @@ per-token input normalisation it is one fused affine map ``x @ [W_enc[:, watched
 followed by the activation on the latent columns: one matmul per step, whatever the number of
 rules. TopK SAEs need the full encode (a latent's value depends on every other latent).
 
+A catalog probe may read another layer than the SAE's (``layer:`` in the catalog):
+:attr:`FeatureEncoder.extra_layers` lists those layers, and ``encode(resid, extra)`` takes their
+residuals (``extra[layer]``, same positions) and writes those probes' columns; the SAE's layer
+stays one fused matmul. The scan hooks every such layer; live generation the earlier ones
+(:meth:`~monitor.runtime.hf_request.HFRequest.layer_hooks`). Steering a probe read at another layer is refused (edits apply at the
+SAE's layer only).
+
 It also turns steering directives into residual edits: ``residual += (target - a) * direction``
 where ``direction`` is the latent's decoder row (or the probe direction scaled so that one unit
 of edit moves the probe score by one) and ``target`` is the clamp value or ``a * factor``.
@@ -14,7 +21,7 @@ of edit moves the probe score by one) and ``target`` is the clamp value or ``a *
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,9 +48,24 @@ class FeatureEncoder:
                                "(the catalog file that defines them)")
         pairs = [catalog.probe(name) for name in probes] if catalog is not None else []
         d_in = sae.cfg.d_in
-        self.probe_matrix = (torch.stack([vec.float() for vec, _ in pairs], dim=1) if pairs
+        own_layer = [catalog.get(name).layer for name in probes] if catalog is not None else []
+        # Only a probe that names its own layer needs the SAE's (an SAE may not know it).
+        self.sae_layer = sae.hook_point.layer if any(x is not None for x in own_layer) else -1
+        layers = [self.sae_layer if x is None else x for x in own_layer] or [self.sae_layer] * len(probes)
+        self.n_probes = len(probes)
+        self.extra_layers: tuple[int, ...] = tuple(sorted({x for x in layers if x != self.sae_layer}))
+        _refuse_steering_elsewhere(policy, dict(zip(probes, layers)), self.sae_layer)
+        own = [i for i, x in enumerate(layers) if x == self.sae_layer]
+        self.own_columns = torch.tensor([self.n_latents + i for i in own], dtype=torch.long)
+        self.probe_matrix = (torch.stack([pairs[i][0].float() for i in own], dim=1) if own
                              else torch.zeros(d_in, 0))
-        self.probe_bias = torch.tensor([float(bias) for _, bias in pairs], dtype=torch.float32)
+        self.probe_bias = torch.tensor([float(pairs[i][1]) for i in own], dtype=torch.float32)
+        self.extra: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for layer in self.extra_layers:  # columns, [d_in, k] directions, [k] biases
+            idx = [i for i, x in enumerate(layers) if x == layer]
+            self.extra[layer] = (torch.tensor([self.n_latents + i for i in idx], dtype=torch.long),
+                                 torch.stack([pairs[i][0].float() for i in idx], dim=1),
+                                 torch.tensor([float(pairs[i][1]) for i in idx], dtype=torch.float32))
         self.subset = sae.subset_encoder(policy.latent_indices)
         self.max_input_norm = sae.max_input_norm
         self.architecture = sae.cfg.architecture
@@ -60,7 +82,7 @@ class FeatureEncoder:
 
     @property
     def n_columns(self) -> int:
-        return self.n_latents + int(self.probe_bias.numel())
+        return self.n_latents + self.n_probes
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         cached = self._devices.get(device)
@@ -73,8 +95,27 @@ class FeatureEncoder:
         return cached
 
     @torch.no_grad()
-    def encode(self, resid: torch.Tensor) -> torch.Tensor:
-        """``[..., d_in]`` residual -> ``[..., F]`` float32 columns of ``policy.features``."""
+    def encode(self, resid: torch.Tensor, extra: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """``[..., d_in]`` residual at the SAE's layer -> ``[..., F]`` float32 columns of
+        ``policy.features``. ``extra[layer]``: the residual at each layer of
+        :attr:`extra_layers` for the same positions (needed exactly when that tuple is not empty)."""
+        if not self.extra_layers:
+            return self._encode_own(resid)
+        own = self._encode_own(resid)
+        out = own.new_empty(*own.shape[:-1], self.n_columns)
+        out[..., : self.n_latents] = own[..., : self.n_latents]
+        out[..., self.own_columns.to(out.device)] = own[..., self.n_latents:]
+        for layer, (columns, matrix, bias) in self.extra.items():
+            x = extra.get(layer) if extra is not None else None
+            if x is None or tuple(x.shape[:-1]) != tuple(resid.shape[:-1]):
+                raise MonitorError(f"a probe of this policy reads layer {layer}, but the residual of "
+                                   f"layer {layer} was not captured for these positions; the runtime must "
+                                   f"hook every layer in FeatureEncoder.extra_layers {self.extra_layers}")
+            out[..., columns.to(out.device)] = x.float() @ matrix.to(x.device) + bias.to(x.device)
+        return out
+
+    def _encode_own(self, resid: torch.Tensor) -> torch.Tensor:
+        """Latents, then the probes read at the SAE's layer."""
         x = resid.float()
         if self.fused:
             weight, bias, threshold = self._on(x.device)
@@ -128,3 +169,14 @@ class FeatureEncoder:
             target = d.value if d.op == "clamp" else a * d.value
             work[d.row] += (target - a)[..., None] * direction
         return work
+
+
+def _refuse_steering_elsewhere(policy: CompiledPolicy, layers: Mapping[str, int], sae_layer: int) -> None:
+    for rule in policy.rules:
+        for spec in rule.steers:
+            name = spec.target.name
+            if spec.target.kind == "probe" and name is not None and layers.get(name, sae_layer) != sae_layer:
+                raise MonitorError(f"rule '{rule.id}' steers probe '{name}', which reads layer "
+                                   f"{layers[name]}; steering edits the residual at the SAE's layer "
+                                   f"{sae_layer} only. Steer a feature read at layer {sae_layer}, or drop "
+                                   "the steer action")

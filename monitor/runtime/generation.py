@@ -115,7 +115,7 @@ def run_generate(monitor: Monitor, request: HFRequest, kwargs: dict[str, Any], a
     _force_dict_output(kwargs)
     token = CURRENT.set(request)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), request.layer_hooks(monitor.model):  # probes at earlier layers
             out = monitor._model_generate(*args, stopping_criteria=criteria, **kwargs)
             evaluate_last_token(monitor, request, out)
     finally:

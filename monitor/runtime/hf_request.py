@@ -15,6 +15,7 @@ the block that cuts it.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import time
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from monitor.errors import MonitorError
 
 if TYPE_CHECKING:
     from monitor.policy import SteerDirective
@@ -48,6 +51,13 @@ class HFRequest:
     def __init__(self, session: Session, encoder: FeatureEncoder, *, owner: object,
                  special_ids: torch.Tensor, include_special_tokens: bool,
                  attention_mask: torch.Tensor | None, scan_prompt_len: int | None = None) -> None:
+        deeper = [layer for layer in encoder.extra_layers if layer > encoder.sae_layer]
+        if deeper:
+            raise MonitorError(f"this policy reads probes at layer(s) {deeper}, after the SAE's layer "
+                               f"{encoder.sae_layer}; live generation decides (and steers) at the SAE's layer, "
+                               "so it can read earlier layers only. Use scan / scan_many / sae-monitor eval "
+                               "for such probes, or refit them at or before the SAE's layer")
+        self.extra_resid: dict[int, torch.Tensor] = {}
         self.session = session
         self.encoder = encoder
         self.owner = owner
@@ -65,7 +75,21 @@ class HFRequest:
         self.first_real = first if first is not None else torch.zeros(self.rows, dtype=torch.long)
         self.last_first_real = int(self.first_real.max()) if self.rows else 0
 
-    # ------------------------------------------------------------------ the hook
+    # ------------------------------------------------------------------ the hooks
+    def layer_hooks(self, model: torch.nn.Module) -> contextlib.ExitStack:
+        """Hooks on the earlier layers this policy's probes read (none for most policies), for
+        the duration of a ``with``: each keeps that layer's residual of this request's current
+        forward (a forward of another thread or request is left alone)."""
+        from monitor.capture import HookPoint, residual_hook
+
+        stack = contextlib.ExitStack()
+        for layer in self.encoder.extra_layers:
+            def keep(resid: torch.Tensor, layer: int = layer) -> None:
+                if CURRENT.get() is self:
+                    self.extra_resid[layer] = resid
+            stack.enter_context(residual_hook(model, HookPoint(layer), keep))
+        return stack
+
     def on_residual(self, resid: torch.Tensor) -> None:
         session = self.session
         if session.disabled or session.refused:
@@ -79,12 +103,14 @@ class HFRequest:
             if old > 0:  # no KV cache: positions recomputed, replay their recorded edits
                 self._replay(resid, start, old)
             new_resid = resid[:, old:]
+            new_extra = {layer: r[:, old:] for layer, r in self.extra_resid.items()}
             ids = self.current_ids[:, -new:] if self.current_ids is not None else None
             if not self.prefill_done and self.scan_prompt_len is not None:
-                self._observe(new_resid, ids, start, "prompt", upto=self.scan_prompt_len)
-                self._observe(new_resid, ids, start, "response", frm=self.scan_prompt_len)
+                self._observe(new_resid, ids, start, "prompt", upto=self.scan_prompt_len, new_extra=new_extra)
+                self._observe(new_resid, ids, start, "response", frm=self.scan_prompt_len, new_extra=new_extra)
             else:
-                self._observe(new_resid, ids, start + old, "prompt" if not self.prefill_done else "response")
+                self._observe(new_resid, ids, start + old, "prompt" if not self.prefill_done else "response",
+                              new_extra=new_extra)
         except Exception as exc:  # noqa: BLE001 - faults outside the session: same on_error
             session.fail(exc)
         finally:
@@ -94,13 +120,21 @@ class HFRequest:
             session.report.monitor_seconds += time.perf_counter() - started
 
     def _observe(self, resid: torch.Tensor, ids: torch.Tensor | None, start: int, scope: str,
-                 upto: int | None = None, frm: int = 0) -> None:
+                 upto: int | None = None, frm: int = 0,
+                 new_extra: dict[int, torch.Tensor] | None = None) -> None:
         hi = upto if upto is not None else resid.shape[1]
         if hi <= frm:
             return
         part = resid[:, frm:hi]
         mask = self.mask(ids[:, frm:hi] if ids is not None else None, start + frm, hi - frm)
-        decisions = self.session.observe(part, scope, mask)  # type: ignore[arg-type]
+        if self.encoder.extra_layers:  # earlier layers' residuals of the same positions
+            extra = {layer: r[:, frm:hi] for layer, r in (new_extra or {}).items()}
+            feats = self.encoder.encode(part, extra)
+            content = self.encoder.content_mask(part)
+            decisions = self.session.observe_features(feats, scope,  # type: ignore[arg-type]
+                                                      mask.to(content.device) & content)
+        else:
+            decisions = self.session.observe(part, scope, mask)  # type: ignore[arg-type]
         if decisions.steers:
             last = start + hi - 1
             self.position_edits[last] = decisions.steers

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from monitor.policy.cases import Case
 from monitor.policy.compile import compile_policies
@@ -159,6 +160,8 @@ def _threshold_text(leaf: ResolvedLeaf) -> str:
         text += f", {leaf.at_least} of {leaf.tokens} tokens"
     elif leaf.aggregate == "consecutive":
         text += f", {leaf.tokens} tokens in a row"
+    elif leaf.aggregate == "scope_mean":
+        text += f", mean over the whole scope, from {leaf.min_tokens} tokens"
     return text
 
 
@@ -178,24 +181,27 @@ class _Peak:
 
 
 def _peaks(monitor: Monitor, case: Case, rules: Sequence[CompiledRule]
-           ) -> dict[tuple[str, str], _Peak]:
-    """Max and min activation of every feature the ``rules`` read, per scope, over the case.
+           ) -> dict[tuple[str, str, bool], _Peak]:
+    """Max and min activation of every feature the ``rules`` read, per scope, over the case
+    (key ``(label, scope, True)``: of the running scope mean, for ``scope_mean`` tests).
 
     One scan with a shadow policy holding a never-failing test per feature: the same model,
     SAE, token masking and encoder as the real run, so the numbers are the ones the rule saw.
     """
-    keys: dict[tuple[str, str], ResolvedLeaf] = {}
+    keys: dict[tuple[str, str, bool], ResolvedLeaf] = {}
     for rule in rules:
         for leaf in rule.leaves:
-            keys.setdefault((leaf.label, rule.scope), leaf)
+            keys.setdefault((leaf.label, rule.scope, leaf.aggregate == "scope_mean"), leaf)
     if not keys:
         return {}
     diag_rules, by_id = [], {}
-    for n, ((label, scope), leaf) in enumerate(keys.items()):
+    for n, ((label, scope, mean), leaf) in enumerate(keys.items()):
         rule_id = f"peak.{n}"
-        by_id[rule_id] = (label, scope)
-        target = ({"feature": leaf.name} if leaf.name is not None
-                  else {"latent": leaf.feature.index})
+        by_id[rule_id] = (label, scope, mean)
+        target: dict[str, Any] = ({"feature": leaf.name} if leaf.name is not None
+                                  else {"latent": leaf.feature.index})
+        if mean:
+            target["aggregate"] = {"scope_mean": {"min_tokens": 1}}
         diag_rules.append(Rule.model_validate({
             "id": rule_id, "description": "diagnostic: every activation", "severity": "info",
             "mode": "shadow", "scope": scope, "when": {**target, "above": _FLOOR},
@@ -214,7 +220,7 @@ def _peaks(monitor: Monitor, case: Case, rules: Sequence[CompiledRule]
         return {}
     finally:
         diag.close()
-    peaks: dict[tuple[str, str], _Peak] = {}
+    peaks: dict[tuple[str, str, bool], _Peak] = {}
     for hit in report.hits:
         key = by_id[hit.rule_id]
         at = (hit.scope, hit.token_index)
@@ -229,15 +235,20 @@ def _peaks(monitor: Monitor, case: Case, rules: Sequence[CompiledRule]
     return peaks
 
 
-def _why_not(rule: CompiledRule, peaks: dict[tuple[str, str], _Peak]) -> str:
+def _why_not(rule: CompiledRule, peaks: dict[tuple[str, str, bool], _Peak]) -> str:
     parts = []
-    seen: set[str] = set()
+    seen: set[tuple[str, bool]] = set()
     for leaf in rule.leaves:
-        if leaf.label in seen:
+        mean = leaf.aggregate == "scope_mean"
+        if (leaf.label, mean) in seen:
             continue
-        seen.add(leaf.label)
-        peak = peaks.get((leaf.label, rule.scope))
+        seen.add((leaf.label, mean))
+        peak = peaks.get((leaf.label, rule.scope, mean))
         threshold = _threshold_text(leaf)
+        if peak is not None and mean:
+            parts.append(f"{leaf.label} scope mean peaked at {peak.high:.4g} at {peak.high_at[0]} "
+                         f"token {peak.high_at[1]}, lowest {peak.low:.4g} (threshold {threshold})")
+            continue
         if peak is None:
             parts.append(f"{leaf.label}: no monitored tokens in scope '{rule.scope}' "
                          f"(threshold {threshold})")

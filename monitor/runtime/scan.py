@@ -3,13 +3,16 @@
 A transcript is split into prompt and response tokens the way a live call would see them
 (:func:`scan_token_ids`). Many transcripts are scanned together: sorted by length into
 buckets, right-padded (so every real token keeps its position and, under the causal mask, its
-activations), run through the model only up to the SAE's layer, encoded in one call per batch,
-and then each transcript's session steps the policy over its own prompt and response spans.
+activations), run through the model only up to the deepest layer the policy reads (the SAE's,
+or a catalog probe's own ``layer``: one temporary hook per such layer, acting only for this
+thread's scan), encoded in one call per batch, and then each transcript's session steps the
+policy over its own prompt and response spans.
 Per-item results equal scanning one at a time up to float rounding of batched matmuls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -104,34 +107,61 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tenso
 
 
 class ScanComplete(Exception):
-    """Raised by :class:`ScanCapture` to stop the forward once the SAE's layer has run."""
+    """Raised by :class:`ScanCapture` to stop the forward once every layer it needs has run."""
 
 
 class ScanCapture:
-    """The current request of a scanning thread: takes the residual at the monitor's hook and
-    stops the forward there. It goes through the monitor's own hook and the thread's context
-    variable, so a ``generate`` running in another thread on the same model is untouched (a
-    hook added to the shared module for the scan would fire, and stop, that forward too)."""
+    """The current request of a scanning thread: takes the residual at the monitor's hook (and
+    at ``extra_layers``) and stops the forward once all are captured. It goes through the
+    monitor's own hook and the thread's context variable, so a ``generate`` running in another
+    thread on the same model is untouched (the extra layers' temporary hooks do nothing for it)."""
 
-    def __init__(self, owner: object) -> None:
+    def __init__(self, owner: object, extra_layers: Sequence[int] = ()) -> None:
         self.owner = owner
         self.current_ids: torch.Tensor | None = None
         self.resid: torch.Tensor | None = None
+        self.wanted = tuple(extra_layers)
+        self.extra: dict[int, torch.Tensor] = {}
 
     def on_residual(self, resid: torch.Tensor) -> None:
         self.resid = resid
-        raise ScanComplete
+        self._stop_when_done()
+
+    def on_layer(self, layer: int, resid: torch.Tensor) -> None:
+        self.extra[layer] = resid
+        self._stop_when_done()
+
+    def _stop_when_done(self) -> None:
+        if self.resid is not None and len(self.extra) == len(self.wanted):
+            raise ScanComplete
 
 
 def read_residual(monitor: Monitor, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
     """The residual ``[B, T, d]`` at the monitor's hook point for a teacher-forced batch."""
-    capture = ScanCapture(monitor)
+    return read_residuals(monitor, ids, attention)[0]
+
+
+def read_residuals(monitor: Monitor, ids: torch.Tensor, attention: torch.Tensor,
+                   extra_layers: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The residual at the monitor's hook point and at each of ``extra_layers`` (resid_post of
+    that block), for a teacher-forced batch; the forward stops after the deepest of them."""
+    from monitor.capture import HookPoint, residual_hook
+
+    capture = ScanCapture(monitor, extra_layers)
     token = CURRENT.set(capture)  # type: ignore[arg-type]
     # Without padding no mask is needed, and the model keeps its fast causal attention path
     # (an explicit mask makes CPU attention materialise [B, heads, T, T]).
     mask = None if bool(attention.all()) else attention
+
+    def hook_for(layer: int) -> Callable[[torch.Tensor], None]:
+        def on(resid: torch.Tensor) -> None:
+            if CURRENT.get() is capture:  # another thread's forward: not ours
+                capture.on_layer(layer, resid)
+        return on
     try:
-        with torch.no_grad():
+        with contextlib.ExitStack() as hooks, torch.no_grad():
+            for layer in extra_layers:
+                hooks.enter_context(residual_hook(monitor.model, HookPoint(layer), hook_for(layer)))
             monitor.model(input_ids=ids, attention_mask=mask, use_cache=False)
     except ScanComplete:
         pass
@@ -140,14 +170,18 @@ def read_residual(monitor: Monitor, ids: torch.Tensor, attention: torch.Tensor) 
     if capture.resid is None:
         raise UnsupportedModelError(
             f"the monitor's hook at {monitor.point.name} never ran during the scan's forward pass")
-    return capture.resid
+    missing = [layer for layer in extra_layers if layer not in capture.extra]
+    if missing:
+        raise UnsupportedModelError(f"the scan's forward pass never reached layer(s) {missing} that "
+                                    "the policy's probes read; check the catalog's 'layer' values")
+    return capture.resid, capture.extra
 
 
 def scan_transcripts(monitor: Monitor, items: Sequence[Scannable], *, batch_size: int = 16,
                      max_batch_tokens: int = 1024, progress: Callable[[int], Any] | None = None,
                      refuse: bool = False) -> list[Report]:
     """``Monitor.scan_many``: see there. One session per transcript on one policy snapshot;
-    per batch one forward (stopped after the SAE's layer) and one encode."""
+    per batch one forward (stopped after the deepest layer the policy reads) and one encode."""
     policy = monitor.policy
     tokenizer = monitor.tokenizer
     parsed = [scan_token_ids(tokenizer, as_scan_item(item)) for item in items]
@@ -159,11 +193,11 @@ def scan_transcripts(monitor: Monitor, items: Sequence[Scannable], *, batch_size
         sessions = {i: monitor.new_session(1, policy) for i in batch}
         real = [i for i in batch if lengths[i] > 0]
         if real:
-            ids, attention = pad_batch([parsed[i][0] + parsed[i][1] for i in real], pad)
-            resid = read_residual(monitor, ids, attention)
-            encoding = time.perf_counter()
             encoder = sessions[real[0]].encoder
-            feats = encoder.encode(resid)
+            ids, attention = pad_batch([parsed[i][0] + parsed[i][1] for i in real], pad)
+            resid, extra = read_residuals(monitor, ids, attention, encoder.extra_layers)
+            encoding = time.perf_counter()
+            feats = encoder.encode(resid, extra)
             mask = monitor_mask(ids, attention.sum(1), monitor.special_ids, monitor.include_special_tokens)
             mask &= encoder.content_mask(resid).cpu()
             share = (time.perf_counter() - encoding) / len(real)

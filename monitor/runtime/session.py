@@ -7,6 +7,10 @@ the rows newly blocked (with the token index to cut at) and the steering directi
 the span's last position. A session never touches a model and never reaches into the object
 that created it: it receives its policy snapshot and its encoder when it is made.
 
+Many requests at once: a serving engine that encodes the rows of all its requests in one call
+steps their one-row sessions together with :func:`observe_many` (one engine evaluation and one
+host sync for all of them, the decisions each session would get alone).
+
 Data flow per call: ``observe(resid)`` -> :class:`~monitor.runtime.encoder.FeatureEncoder`
 (watched latents and probes, one fused matmul) -> ``CompiledPolicy.step`` (pure, vectorised over
 all rules) -> decisions recorded in :attr:`Session.report`.
@@ -22,6 +26,7 @@ stops monitoring, the report says ``failed_open`` and the request continues unmo
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -30,7 +35,7 @@ import torch
 from monitor.report import BlockInfo, Report
 
 if TYPE_CHECKING:
-    from monitor.policy import CompiledPolicy, EngineState, Hit, SteerDirective
+    from monitor.policy import CompiledPolicy, EngineState, Hit, SteerDirective, StepResult
     from monitor.runtime.encoder import FeatureEncoder
 
 Scope = Literal["prompt", "response"]
@@ -143,7 +148,15 @@ class Session:
         peak = feats.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
         old_peak = self.report.peaks.get(scope)
         self.report.peaks[scope] = peak if old_peak is None else torch.maximum(old_peak, peak)
+        total = feats.double().masked_fill(~mask[..., None], 0.0).sum(1)  # scope means (eval)
+        old_sum, old_n = self.report.sums.get(scope), self.report.counts.get(scope)
+        self.report.sums[scope] = total if old_sum is None else old_sum + total
+        self.report.counts[scope] = mask.sum(1) if old_n is None else old_n + mask.sum(1)
         result = self.policy.step(self.state, feats, mask, scope, require_finite=True)
+        return self._record(result, scope)
+
+    def _record(self, result: StepResult, scope: Scope) -> StepDecisions:
+        """Write one engine step's decisions into the report and the stopped rows."""
         if not result.hits and not result.steer:
             return NOTHING
         report = self.report
@@ -168,3 +181,57 @@ class Session:
                 report.steers.append(d)
         steers = tuple(d for d in result.steer if not bool(self.stopped[d.row]))
         return StepDecisions(tuple(result.hits), blocks, steers)
+
+
+def observe_many(sessions: Sequence[Session], feats: torch.Tensor, scope: Scope,
+                 mask: torch.Tensor) -> list[StepDecisions]:
+    """Step several one-row sessions of one policy at once: row ``i`` of ``feats[N, T, F]``
+    (already encoded, as for :meth:`Session.observe_features`) and ``mask[N, T]`` is the next
+    ``T`` tokens of ``sessions[i]``. Returns each session's decisions, exactly what
+    ``sessions[i].observe_features(feats[i:i+1], scope, mask[i:i+1])`` would return, at the
+    cost of one engine evaluation (:meth:`~monitor.policy.CompiledPolicy.step_many`). A fault
+    is each session's fault (``on_error``)."""
+    out = [NOTHING] * len(sessions)
+    live = [i for i, s in enumerate(sessions) if not (s.disabled or s.refused)]
+    if not live:
+        return out
+    group = [sessions[i] for i in live]
+    policy = group[0].policy
+    if any(s.policy is not policy or s.rows != 1 for s in group):
+        raise ValueError("observe_many takes one-row sessions of one CompiledPolicy; group sessions by "
+                         "policy version and step batched requests with Session.observe_features")
+    try:
+        if len(live) < len(sessions):
+            index = torch.tensor(live, device=feats.device)
+            feats, mask = feats.index_select(0, index), mask.index_select(0, index)
+        mask = mask.to(feats.device) & ~torch.cat([s.stopped for s in group]).to(feats.device)[:, None]
+        for s in group:
+            if s.state is None or s.state.device != feats.device:
+                s.state = policy.new_state(1, feats.device)
+        _accumulate(group, scope, mask.sum(1, keepdim=True),
+                    feats.masked_fill(~mask[..., None], float("-inf")).amax(dim=1))
+        results = policy.step_many([s.state for s in group if s.state is not None], feats, mask, scope,
+                                   require_finite=True)
+    except Exception as exc:  # noqa: BLE001 - every monitoring fault is handled by on_error
+        for s in group:
+            s.fail(exc)
+        return out
+    for i, s, result in zip(live, group, results):
+        out[i] = s._record(result, scope)
+    return out
+
+
+def _accumulate(group: Sequence[Session], scope: Scope, counts: torch.Tensor, peaks: torch.Tensor) -> None:
+    """Add ``counts[N, 1]`` monitored tokens and ``peaks[N, F]`` to each session's report."""
+    old_counts = [s._tokens.get(scope) for s in group]
+    old_peaks = [s.report.peaks.get(scope) for s in group]
+    if all(c is not None for c in old_counts) and all(p is not None for p in old_peaks):
+        counts = counts + torch.stack([c for c in old_counts if c is not None]).reshape(counts.shape)
+        peaks = torch.maximum(peaks, torch.cat([p for p in old_peaks if p is not None]))
+        for s, count, peak in zip(group, counts.split(1), peaks.split(1)):
+            s._tokens[scope] = count.reshape(())
+            s.report.peaks[scope] = peak
+        return
+    for s, count, peak, old_count, old_peak in zip(group, counts.split(1), peaks.split(1), old_counts, old_peaks):
+        s._tokens[scope] = count.reshape(()) if old_count is None else old_count + count.reshape(())
+        s.report.peaks[scope] = peak if old_peak is None else torch.maximum(old_peak, peak)

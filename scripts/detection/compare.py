@@ -94,7 +94,7 @@ class Detectors:
     def __init__(self, A: actsdb.Acts, latents: dict[str, dict[str, int]]):
         self.A, self.meta, self.latents = A, A.meta, latents
         self.y = np.array([m["label"] for m in self.meta])
-        self.off = A.a["offsets"]
+        self.off = A.a.get("offsets")  # None when loaded without per-token residuals
         self.rng = np.random.default_rng(0)
         self._tokcache: dict[int, np.ndarray] = {}
 
@@ -132,6 +132,30 @@ class Detectors:
                     t = np.arange(1, len(s) + 1)
                     lo = np.maximum(0, t - n)
                     out[j] = ((c[t] - c[lo]) / (t - lo)).max()
+                return out
+            score.weight, score.bias = w, b  # type: ignore[attr-defined]
+            return score
+        return fit
+
+    # --- a mean-pool probe applied per token, run-time aggregate scope_mean(min_tokens): the
+    # running mean over the scope, max over the tokens from the min_tokens-th on (what the
+    # engine fires on); rows with fewer tokens can never fire and score -inf
+    def scope_mean(self, li: int, min_tokens: int = 8, l2: float = L2, final: bool = False):
+        tok, off, base = self._tok32(li), self.off, self.pooled("mean", li, l2)
+
+        def fit(train):
+            inner = base(train)
+            w, b = inner.weight, inner.bias
+
+            def score(idx):
+                out = np.empty(len(idx), np.float32)
+                for j, i in enumerate(idx):
+                    s = tok[off[i]:off[i + 1]].astype(np.float32) @ w + b
+                    run = np.cumsum(s.astype(np.float64)) / np.arange(1, len(s) + 1)
+                    if final:
+                        out[j] = run[-1]
+                    else:
+                        out[j] = run[min_tokens - 1:].max() if len(s) >= min_tokens else -np.inf
                 return out
             score.weight, score.bias = w, b  # type: ignore[attr-defined]
             return score

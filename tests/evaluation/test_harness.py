@@ -286,3 +286,38 @@ def test_catalog_features_get_their_own_ranking_rows(tmp_path, tiny_tokenizer):
     assert feature.auroc == pytest.approx(float(auroc(peaks, torch.tensor([r["label"] for r in rows]))))
     assert not any(n.startswith("feature sycophancy") for n in names)
     mon.close()
+
+
+@torch.no_grad()
+def test_a_scope_mean_rule_is_scored_on_the_mean_over_the_scope(tmp_path, tiny_tokenizer):
+    """A ``scope_mean`` leaf ranks items by the feature's mean over the scoped tokens (not its
+    peak); the decision is the engine's (running mean past the threshold at some token)."""
+    model, sae = tiny_model("llama"), make_sae()
+    means, running_max = [], []
+    for prompt, response in PAIRS:
+        p = tiny_tokenizer(prompt)["input_ids"]
+        r = tiny_tokenizer(response, add_special_tokens=False)["input_ids"]
+        acts = sae.encode(capture(model, torch.tensor([p + r]), HookPoint(LAYER)))[0, len(p):]
+        running = acts.double().cumsum(0) / torch.arange(1, len(r) + 1).unsqueeze(-1)
+        means.append(running[-1])
+        running_max.append(running[1:].amax(0))  # min_tokens: 2
+    mean_t, run_t = torch.stack(means), torch.stack(running_max)
+    latent = int(((mean_t.amax(0) - mean_t.amin(0)) * (mean_t.amin(0) > 0.01)).argmax())
+    values = mean_t[:, latent]
+    threshold = float(values.median())
+    rows = [{"prompt": p, "response": r, "label": i % 2, "category": "unsafe_code", "id": f"u{i}"}
+            for i, (p, r) in enumerate(PAIRS)]
+    mon, policy_set = monitor_with(tmp_path, model, tiny_tokenizer, sae, rule(
+        "unsafe_code.mean", f"{{latent: {latent}, above: {threshold}, "
+                            "aggregate: {scope_mean: {min_tokens: 2}}}"))
+    result = evaluate(mon, rows, policy_set=policy_set, progress=None)
+    items = [i for i in result.items if i.category == "unsafe_code"]
+    torch.testing.assert_close(torch.tensor([i.score for i in items], dtype=torch.float64),
+                               (values - threshold) / abs(threshold), rtol=1e-4, atol=1e-5)
+    # A peak-scored rule would rank differently: the mean is what was read.
+    assert not torch.allclose(values, torch.stack([
+        sae.encode(capture(model, torch.tensor([tiny_tokenizer(p)["input_ids"] + tiny_tokenizer(
+            r, add_special_tokens=False)["input_ids"]]), HookPoint(LAYER)))[0].amax(0)[latent]
+        for p, r in PAIRS]).double())
+    assert [i.flagged for i in items] == (run_t[:, latent] > threshold).tolist()
+    mon.close()

@@ -47,3 +47,19 @@ def test_rule_scorer_reads_evidence_leaves_only(tmp_path):
     assert scorer.scores(None).tolist() == [-math.inf] * 4
     cats = rule_categories(policy, ["unsafe_code", "r1"])
     assert cats == {"r1": [0], "unsafe_code": [3]}
+
+
+def test_scope_mean_leaves_are_scored_on_the_scope_mean(tmp_path):
+    rules = rules_from_yaml("""
+        - id: m
+          description: mean-pooled probe
+          severity: low
+          when: {any: [{latent: 1, above: 2.0, aggregate: scope_mean}, {latent: 2, above: 4.0}]}
+          actions: [log]
+    """)
+    policy = compile_policies(PolicySet.from_rules(rules), None, d_sae=64)
+    scorer = RuleScorer(policy)
+    peaks = torch.tensor([9.0, 2.0])   # latent 1 peaks at 9 ...
+    means = torch.tensor([3.0, 1.0])   # ... but its mean over the scope is 3
+    assert scorer.scores(peaks, means).tolist() == [0.5]  # max((3-2)/2, (2-4)/4)
+    assert scorer.scores(peaks).tolist() == [-0.5]  # no means: only the peak-scored leaf counts

@@ -32,6 +32,8 @@ def aggregates(kind: str | None = None) -> st.SearchStrategy:
         "count_in_window": st.integers(1, 6).flatmap(lambda n: st.integers(1, n).map(
             lambda k: {"count_in_window": {"tokens": n, "at_least": k}})),
         "consecutive": st.integers(1, 5).map(lambda n: {"consecutive": {"tokens": n}}),
+        "scope_mean": st.one_of(st.just("scope_mean"), st.integers(1, 6).map(
+            lambda n: {"scope_mean": {"min_tokens": n}})),
     }
     if kind is not None:
         return options[kind]
@@ -78,7 +80,8 @@ def ref_leaf(leaf: dict, acts: list, mask: list) -> list[bool]:
     def passes(x: Fraction) -> bool:
         return x > thr if op == "above" else x < thr
 
-    kind, opts = next(iter((leaf.get("aggregate") or {"each_token": {}}).items()))
+    agg = leaf.get("aggregate") or {"each_token": {}}
+    kind, opts = next(iter(({agg: {}} if isinstance(agg, str) else agg).items()))
     seen: list[Fraction] = []
     out = []
     for t, valid in enumerate(mask):
@@ -93,6 +96,8 @@ def ref_leaf(leaf: dict, acts: list, mask: list) -> list[bool]:
             out.append(passes(sum(window) / len(window)))
         elif kind == "count_in_window":
             out.append(sum(passes(x) for x in seen[-opts["tokens"]:]) >= opts["at_least"])
+        elif kind == "scope_mean":  # every monitored token so far; default min_tokens 8
+            out.append(len(seen) >= opts.get("min_tokens", 8) and passes(sum(seen) / len(seen)))
         else:
             n = opts["tokens"]
             out.append(len(seen) >= n and all(passes(x) for x in seen[-n:]))
@@ -163,7 +168,8 @@ def check(conds: list[dict], acts: list, mask: list, cuts: list[int]) -> None:
 # ------------------------------------------------------------------------------- properties
 
 
-@pytest.mark.parametrize("kind", ["each_token", "window_mean", "count_in_window", "consecutive"])
+@pytest.mark.parametrize("kind", ["each_token", "window_mean", "count_in_window", "consecutive",
+                                  "scope_mean"])
 @SETTINGS
 @given(data=st.data())
 def test_each_aggregation_matches_reference(kind: str, data: st.DataObject) -> None:

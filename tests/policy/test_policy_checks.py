@@ -22,6 +22,7 @@ ALWAYS = [
     ("{latent: 1, above: -1, aggregate: {count_in_window: {tokens: 8, at_least: 1}}}",
      "'above: -1'"),
     ("{latent: 1, above: -1, aggregate: {consecutive: {tokens: 1}}}", "'above: -1'"),
+    ("{latent: 1, above: -1, aggregate: {scope_mean: {min_tokens: 1}}}", "'above: -1'"),
     ("{any: [{latent: 2, above: 3}, {latent: 1, above: -1}]}", "latent 1 is never negative"),
     ("{all: [{latent: 2, above: -3}, {latent: 1, above: -1}]}", "latent 2 is never negative, "
      "so 'above: -3' always holds; latent 1"),
@@ -32,6 +33,7 @@ ALWAYS = [
 CAN_FAIL = [
     "{latent: 1, above: 0}",  # a latent at exactly 0 does not pass
     "{latent: 1, above: -1, aggregate: {consecutive: {tokens: 4}}}",  # false on short texts
+    "{latent: 1, above: -1, aggregate: scope_mean}",  # false before min_tokens (default 8)
     "{latent: 1, above: -1, aggregate: {count_in_window: {tokens: 8, at_least: 2}}}",
     "{latent: 1, below: 1e9}",  # above every plausible value, but not provably: left alone
     "{latent: 1, below: -1}",  # never true: harmless

@@ -150,3 +150,28 @@ def test_relative_thresholds_are_explained_with_the_value_the_policy_resolved(tm
     (reason,) = result.failures
     assert reason.startswith("expected rule 'r.never' to fire; it did not: code.three peaked at ")
     assert reason.endswith("(threshold above_relative 2.5 = 1e+09)")
+
+
+def test_a_scope_mean_rule_that_did_not_fire_is_explained_by_its_scope_mean(tmp_path, monitor_for):
+    write(tmp_path, "m.yaml", """\
+version: "1"
+rules:
+  - id: m.never
+    description: mean far above anything
+    severity: low
+    scope: response
+    when: {latent: 3, above: 1e9, aggregate: {scope_mean: {min_tokens: 2}}}
+    actions: [log]
+""")
+    loaded = load_case_file(write(tmp_path, "m.tests.yaml", """\
+cases:
+  - name: fires
+    prompt: "Write a shell script"
+    response: "echo hi there and more"
+    expect: {triggers: [m.never]}
+"""), d_sae=D_SAE)
+    (result,) = run_cases(monitor_for(loaded), loaded.cases, policy_set=loaded.policy_set)
+    (reason,) = result.failures
+    assert reason.startswith("expected rule 'm.never' to fire; it did not: latent:3 scope mean "
+                             "peaked at ")
+    assert reason.endswith("(threshold above 1e+09, mean over the whole scope, from 2 tokens)")

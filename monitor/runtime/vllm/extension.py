@@ -42,6 +42,11 @@ class MonitorWorkerExtension:
         report = self._sae_monitor_get().collect(req_id)
         return None if report is None else pickle.dumps(report)
 
+    def sae_monitor_collect_many(self, req_ids: list[str]) -> list[bytes | None]:
+        """:meth:`sae_monitor_collect` for many requests in one call (requests that end together)."""
+        monitor = self._sae_monitor_get()
+        return [None if (report := monitor.collect(r)) is None else pickle.dumps(report) for r in req_ids]
+
     def sae_monitor_status(self) -> dict[str, Any]:
         return self._sae_monitor_get().status()
 
