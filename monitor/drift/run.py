@@ -109,6 +109,13 @@ def prepare(base: str | Path, candidates: Sequence[str | Path], *, prompts: str 
     if catalog is None and isinstance(sae, str) and sae == "default" and SHIPPED_CATALOG.is_file():
         catalog = SHIPPED_CATALOG
     cat = catalog if isinstance(catalog, Catalog) or catalog is None else load_catalog(catalog, d_sae=sae_obj.cfg.d_sae)
+    if cat is not None:
+        layer = sae_obj.hook_point.layer
+        other = [e.name for e in cat.features if e.latent is None and cat.probe_layer(e.name) != layer]
+        if other:
+            raise ld.DriftInputError(f"catalog probes {', '.join(other)} read another layer than the SAE's "
+                                     f"({layer}); a drift check measures at the SAE's layer only: pass a "
+                                     "catalog without them (--catalog)")
     policy_set = load_policies(policies if policies is not None else shipped_policies_dir(), cat,
                                d_sae=sae_obj.cfg.d_sae)
     policy = compile_policies(policy_set, cat, d_sae=sae_obj.cfg.d_sae)
