@@ -106,6 +106,9 @@ def summarise(c: dict[str, Any], responses: list[str]) -> dict[str, Any]:
     enforce = [r for r in c["rules"] if r["mode"] == "enforce"]
     return {
         "drift_score": c["drift_score"], "kl": c["kl"]["mean"], "lens_rel": c["lens"]["relative_norm"],
+        # the concept directions' scores (the first: vulnerable minus fixed code by default)
+        "direction_score": c["directions"][0]["score"] if c.get("directions") else float("nan"),
+        "direction_relative": c["directions"][0]["relative"] if c.get("directions") else float("nan"),
         "latents_up": c["n_latents_up"], "latents_down": c["n_latents_down"],
         "enforce_delta": max((r["delta"] for r in enforce), default=0.0),
         "rules": {r["id"]: [round(r["base_rate"], 3), round(r["candidate_rate"], 3), r["verdict"]] for r in c["rules"]},
@@ -134,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra finetune.py arguments for --train")
     ap.add_argument("--prompts", default=None)
     ap.add_argument("--texts", default=None)
+    ap.add_argument("--direction", action="append", default=None, metavar="PAIRS.jsonl",
+                    help="concept direction(s) to follow (the first is the direction_score column)")
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--passes", default="greedy")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -170,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                 return
             if check is None:
                 check = DriftCheck(prepare("default", [str(path)], prompts=args.prompts, texts=args.texts,
-                                           sae="default", catalog=None, policies=None), options=options)
+                                           sae="default", catalog=None, policies=None,
+                                           directions=args.direction), options=options)
                 base_responses = [t for row in check.base_beh.transcripts for t in row]
                 snippets, flagged, findings = bandit_rate([t.text for t in base_responses])
                 base_row = {"candidate": "BASE", "python_snippets": snippets, "bandit_flagged": flagged,
@@ -224,8 +230,9 @@ def report(done: dict[str, dict[str, Any]], runs: list[Path], series: list[Path]
     labels = [1 if r["meta"].get("kind") == "unsafe" else 0 for r in rows]
     if rows:
         print(f"\nAUROC over the panel ({sum(labels)} unsafe, {len(labels) - sum(labels)} benign):")
-        for key in ("drift_score", "kl", "lens_rel", "latents_up", "enforce_delta", "bandit_rate"):
-            print(f"  {key:<14} {auroc([float(r[key]) for r in rows], labels):.3f}")
+        for key in ("drift_score", "direction_score", "direction_relative", "kl", "lens_rel", "latents_up",
+                    "enforce_delta", "bandit_rate"):
+            print(f"  {key:<18} {auroc([float(r.get(key, 'nan')) for r in rows], labels):.3f}")
     srows = [done[str(p)] for p in series if str(p) in done]
     if srows:
         print("\nseries (checkpoints in order):")

@@ -1,7 +1,8 @@
 """The same backtest on a Ray cluster, through Ray Data.
 
-Pipeline: the input files (one dataset row each) -> ``flat_map`` parses each file into records
-(problems included, already-committed keys skipped) -> ``map_batches`` over an actor pool of
+Pipeline: the input files (one dataset row per file shard, so that even one file feeds every
+actor) -> ``flat_map`` parses each shard into records (problems included, already-committed keys
+skipped) -> ``map_batches`` over an actor pool of
 :class:`ScanActor` (each actor loads one model + SAE once, on a GPU when the cluster has them,
 and calls the local path's batch function :func:`monitor.backtest.run.scan_records`) -> rows
 streamed back to the driver, which commits them in chunks through the same
@@ -27,27 +28,40 @@ from typing import Any
 from monitor.backtest.policies import PolicyVersion
 from monitor.backtest.read import FieldMap, read_file, record_from_json, record_to_json
 from monitor.backtest.results import ResultStore
+from monitor.backtest.scan import MAX_BATCH_TOKENS
 from monitor.errors import MonitorError
 from monitor.policy import CompiledPolicy
 
 PartsFactory = Callable[[], Any]
 
 
-class _ReadFile:
-    """flat_map function: one file row -> its records as JSON strings."""
+class ReadShard:
+    """flat_map function: one (file, shard, shards) row -> the shard's records as JSON strings:
+    every ``shards``-th record of the file, from the ``shard``-th. Each file is parsed once per
+    shard (cheap next to scanning) so that one big file still feeds every actor: Ray Data hands
+    an actor whole blocks, and one file's records would otherwise be one block, i.e. one actor."""
 
     def __init__(self, fields: FieldMap, done: frozenset[str]) -> None:
         self.fields, self.done = fields, done
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{"record": record_to_json(r)} for r in read_file(Path(row["path"]), self.fields, self.done)]
+        shard, shards = int(row["shard"]), int(row["shards"])
+        records = read_file(Path(row["path"]), self.fields, self.done)
+        return [{"record": record_to_json(r)} for n, r in enumerate(records) if n % shards == shard]
+
+
+def read_tasks(paths: Sequence[Path], workers: int) -> list[dict[str, Any]]:
+    """The read tasks: each file split into enough shards for at least two blocks per worker."""
+    shards = max(1, -(-2 * workers // max(1, len(paths))))
+    return [{"path": str(p), "shard": k, "shards": shards} for p in paths for k in range(shards)]
 
 
 class ScanActor:
     """One Ray actor: builds its model + SAE once with ``factory``, then scans batches."""
 
     def __init__(self, factory: PartsFactory, policies: Sequence[CompiledPolicy], labels: Sequence[str],
-                 batch_size: int, max_tokens: int | None, include_text: bool, device: str | None) -> None:
+                 batch_size: int, max_tokens: int | None, include_text: bool, device: str | None,
+                 max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
         import torch
 
         from monitor.backtest.scan import Scanner
@@ -61,7 +75,7 @@ class ScanActor:
             model, sae = model.to(device), sae.to(device)
         self.labels, self.include_text = list(labels), include_text
         self.scanner = Scanner(model, parts.tokenizer, sae, policies, parts.catalog, batch_size=batch_size,
-                               max_tokens=max_tokens)
+                               max_tokens=max_tokens, max_batch_tokens=max_batch_tokens)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -98,7 +112,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
 
 def run_on_ray(paths: Sequence[Path], versions: Sequence[PolicyVersion], store: ResultStore, *,
                factory: PartsFactory, workers: int, batch_size: int, chunk_size: int,
-               max_tokens: int | None = None, include_text: bool = False, fields: FieldMap | None = None,
+               max_tokens: int | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
+               include_text: bool = False, fields: FieldMap | None = None,
                progress: Callable[[int, int], None] | None = None) -> None:
     """Scan every not-yet-committed record of ``paths`` on the connected cluster with
     ``workers`` actors (one GPU each when the cluster has GPUs) and commit the rows."""
@@ -108,13 +123,15 @@ def run_on_ray(paths: Sequence[Path], versions: Sequence[PolicyVersion], store: 
     gpus = float(ray.cluster_resources().get("GPU", 0)) > 0
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    ds: Any = ray.data.from_items([{"path": str(p)} for p in paths], override_num_blocks=max(1, len(paths)))
-    ds = ds.flat_map(_ReadFile(fields or FieldMap(), store.done))
+    tasks = read_tasks(paths, workers)
+    ds: Any = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
+    ds = ds.flat_map(ReadShard(fields or FieldMap(), store.done))
     ds = ds.map_batches(ScanActor, batch_size=max(batch_size, 1) * 4, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=workers),
                         fn_constructor_kwargs=dict(factory=factory, policies=[v.policy for v in versions],
                                                    labels=store.labels, batch_size=batch_size,
-                                                   max_tokens=max_tokens, include_text=include_text,
+                                                   max_tokens=max_tokens, max_batch_tokens=max_batch_tokens,
+                                                   include_text=include_text,
                                                    device="cuda" if gpus else None),
                         num_gpus=1 if gpus else 0, num_cpus=1)
     pending: list[dict[str, Any]] = []

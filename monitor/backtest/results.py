@@ -38,13 +38,13 @@ def to_row(item: ScanResult | Problem, labels: Sequence[str], messages: Any = No
     row: dict[str, Any] = {"key": item.key, "source": item.source, "line": item.line}
     if isinstance(item, Problem):
         row.update(id=None, status="skipped", problem=item.kind, detail=item.detail, tokens=None, turns=None,
-                   text_sha256=None, messages=None)
+                   replay=None, text_sha256=None, messages=None)
         for label in labels:
             row[f"{label}_decision"] = None
             row[f"{label}_firings"] = []
         return row
     row.update(id=item.id, status="scanned", problem=None, detail=None, tokens=item.tokens, turns=item.turns,
-               text_sha256=item.text_sha256,
+               replay=item.replay, text_sha256=item.text_sha256,
                messages=json.dumps(list(messages), ensure_ascii=False) if messages is not None else None)
     for label, version in zip(labels, item.versions):
         row[f"{label}_decision"] = version.decision
@@ -62,7 +62,7 @@ def schema(labels: Sequence[str]) -> Any:
                         ("action", pa.string())])
     fields = [("key", pa.string()), ("source", pa.string()), ("line", pa.int64()), ("id", pa.string()),
               ("status", pa.string()), ("problem", pa.string()), ("detail", pa.string()),
-              ("tokens", pa.int32()), ("turns", pa.int32()), ("text_sha256", pa.string()),
+              ("tokens", pa.int32()), ("turns", pa.int32()), ("replay", pa.string()), ("text_sha256", pa.string()),
               ("messages", pa.string())]
     for label in labels:
         fields += [(f"{label}_decision", pa.string()), (f"{label}_firings", pa.list_(firing))]

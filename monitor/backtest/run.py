@@ -19,7 +19,7 @@ from typing import Any
 from monitor.backtest.policies import PolicyVersion, resolve
 from monitor.backtest.read import Conversation, FieldMap, Problem, Record, expand, read_records
 from monitor.backtest.results import ResultStore, to_row
-from monitor.backtest.scan import Scanner
+from monitor.backtest.scan import MAX_BATCH_TOKENS, Scanner
 from monitor.backtest.summary import summarize
 from monitor.catalog import Catalog
 
@@ -56,8 +56,8 @@ class BacktestConfig:
     """One backtest job. ``data``: files, directories or globs; ``policies``: the candidate
     policy directory; ``against``: a baseline directory or git revision; ``out``: the results
     directory (resumed if it holds a run of the same versions). ``batch_size``: conversations
-    per forward; ``chunk_size``: records per committed chunk (the most a kill can lose and
-    redo). ``include_text``: keep each conversation's text in the results and examples (off:
+    per forward, at most ``max_batch_tokens`` padded tokens; ``chunk_size``: records per
+    committed chunk (the most a kill can lose and redo). ``include_text``: keep each conversation's text in the results and examples (off:
     only its ``sha256``). ``max_tokens``: skip longer conversations (default: the context)."""
 
     data: Sequence[str]
@@ -67,6 +67,7 @@ class BacktestConfig:
     batch_size: int = 16
     chunk_size: int = 256
     max_tokens: int | None = None
+    max_batch_tokens: int = MAX_BATCH_TOKENS
     include_text: bool = False
     fields: FieldMap = field(default_factory=FieldMap)
     examples: int = 3
@@ -134,7 +135,8 @@ def run_backtest(config: BacktestConfig, parts: Parts | None = None, *, progress
     parts = parts or default_parts()
     versions, store, paths = prepare(config, parts, resume)
     scanner = Scanner(parts.model, parts.tokenizer, parts.sae, [v.policy for v in versions], parts.catalog,
-                      batch_size=config.batch_size, max_tokens=config.max_tokens)
+                      batch_size=config.batch_size, max_tokens=config.max_tokens,
+                      max_batch_tokens=config.max_batch_tokens)
     for chunk in _chunks(read_records(paths, config.fields, skip=store.done), config.chunk_size):
         rows = scan_records(scanner, chunk, store.labels, config.include_text)
         store.commit(rows)

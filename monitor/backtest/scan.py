@@ -4,26 +4,26 @@ policy version evaluated on it, every turn evaluated as the request it was.
 Second stage of a backtest (read -> **scan** -> results -> summary/diff -> report). For a batch
 of conversations, :class:`Scanner` runs
 
-1. the chat template -> token ids, turn boundaries (too-long or untemplatable -> Problem);
-2. one batched forward (right-padded, so positions are unchanged), *stopped after the SAE's
-   layer* (:func:`monitor.capture.forward_through`): layers above it cost nothing;
-3. one encode of the *union* of the columns every policy version watches (only those latents,
-   plus probes), exactly as the live monitor encodes them;
-4. per policy version, two engine steps over the whole batch: the ``prompt`` scope as one row per
-   conversation (every token before the last assistant turn, which is the prompt of every turn's
-   request), the ``response`` scope as one row *per assistant turn* with fresh state (each turn
-   was its own request). Masks match the live monitor's: special tokens, the first position and
-   out-of-range residual norms are never monitored.
+1. :func:`monitor.backtest.replay.plan`: token ids and turn boundaries; one forward row per
+   conversation when every turn's request is a token prefix of it, else one row per turn
+   (too-long or untemplatable conversations become a Problem);
+2. one forward over a length bucket of rows (:func:`monitor.runtime.scan.length_buckets`,
+   right-padded, no attention mask when no row is padded), *stopped after the SAE's layer*
+   (:func:`monitor.capture.forward_through`): layers above it cost nothing;
+3. per policy version, the live monitor's :class:`~monitor.runtime.encoder.FeatureEncoder`
+   (only the watched latents and probes) and two engine steps over the whole batch: the
+   ``prompt`` scope as one stream per row (every token before the row's last assistant turn,
+   whose prefixes are the prompts of the earlier turns: the engine is causal, so a prefix's
+   hits are the stream's hits on it), the ``response`` scope as one row *per assistant turn*
+   with fresh state (each turn was its own request). Masks are the live monitor's
+   (:func:`monitor.runtime.scan.monitor_mask` and the SAE's input range).
 
-So the last turn is evaluated exactly as ``Monitor.scan(messages)`` evaluates it (same token ids,
-same masks, same engine), and earlier turns add to it: a conversation the last-turn ``scan``
-flags, the backtest flags. Steering is reported where it would trigger; its effect on later
-tokens is not simulated (the logged text is what was said). Floating-point sums in a batched
-forward differ from a one-row forward by rounding (~1e-6 relative): a token that close to a
-threshold can flip.
-
-Conversations longer than the model's context are *skipped with a reason* (``too_long``, with
-their token count), not windowed: a window would see a different context than the model did.
+So every turn is evaluated exactly as ``Monitor.scan(messages[:k + 1])`` evaluates it (same
+token ids, masks, encoder and engine): a conversation any per-turn ``scan`` flags, the
+backtest flags, and the last-turn ``scan`` is one of those. Steering is reported where it
+would trigger; its effect on later tokens is not simulated (the logged text is what was said).
+Floating-point sums in a batched forward differ from a one-row forward by rounding (~1e-6
+relative): a token that close to a threshold can flip.
 """
 
 from __future__ import annotations
@@ -37,13 +37,16 @@ from typing import Any
 import torch
 
 from monitor.backtest.read import Conversation, Problem
+from monitor.backtest.replay import Replay, Row, plan
 from monitor.capture import forward_through
 from monitor.catalog import Catalog
-from monitor.data import token_ids
 from monitor.policy import CompiledPolicy, Hit
+from monitor.runtime.encoder import FeatureEncoder
+from monitor.runtime.scan import length_buckets, monitor_mask, pad_batch
 from monitor.sae import SAE
 
 DECISIONS = ("block", "steer", "alert", "log", "allow")  # most to least severe
+MAX_BATCH_TOKENS = 4096  # padded tokens per forward (see docs/backtest.md, "Measured here")
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ class VersionResult:
 
 @dataclass(frozen=True)
 class ScanResult:
-    """A scanned conversation: its verdict under each policy version (in the scanner's order)."""
+    """A scanned conversation: its verdict under each policy version (in the scanner's order).
+    ``replay``: ``one_forward`` or ``per_turn`` (see :mod:`monitor.backtest.replay`)."""
 
     key: str
     id: str
@@ -96,6 +100,7 @@ class ScanResult:
     turns: int
     text_sha256: str
     versions: tuple[VersionResult, ...]
+    replay: str = "one_forward"
 
 
 def rule_action(actions: Sequence[str]) -> str:
@@ -125,12 +130,15 @@ def messages_digest(messages: Sequence[Mapping[str, str]]) -> str:
 
 
 @dataclass(frozen=True)
-class _Prepared:
-    conv: Conversation
-    ids: list[int]
-    prompt_end: int  # prompt scope covers [0, prompt_end)
-    turn_ends: list[int]  # message i covers [turn_ends[i-1], turn_ends[i])
-    responses: list[tuple[int, int, int]]  # (message index, start, end) per assistant turn
+class _Found:
+    """What one policy version found in one forward row: prompt-stream hits (``token_index`` is
+    the row position) and fired-token counts per rule, hits per response span
+    ``(message index, start, hits)`` and the spans' summed counts."""
+
+    prompt_hits: list[Hit]
+    prompt_counts: list[int]
+    responses: list[tuple[int, int, list[Hit]]]
+    response_counts: list[int]
 
 
 class Scanner:
@@ -138,170 +146,123 @@ class Scanner:
 
     ``policies``: the versions, in the order their results are returned (e.g. candidate, then
     baseline). ``max_tokens``: longest conversation scanned (default: the model's context).
-    ``batch_size``: conversations per forward. Holds the model and SAE; make one per worker.
+    ``batch_size``: forward rows per batch, at most ``max_batch_tokens`` padded tokens (rows are
+    bucketed by length: :func:`monitor.runtime.scan.length_buckets`). ``one_forward=False``
+    scans every turn as its own forward row (the reference; see :mod:`monitor.backtest.replay`).
+    Holds the model and SAE; make one per worker.
     """
 
     def __init__(self, model: Any, tokenizer: Any, sae: SAE, policies: Sequence[CompiledPolicy],
                  catalog: Catalog | None = None, *, batch_size: int = 16, max_tokens: int | None = None,
+                 max_batch_tokens: int = MAX_BATCH_TOKENS, one_forward: bool = True,
                  include_special_tokens: bool = False) -> None:
         self.model, self.tokenizer, self.sae, self.catalog = model, tokenizer, sae, catalog
         self.policies = tuple(policies)
+        self.encoders = [FeatureEncoder(sae, p, catalog) for p in self.policies]
         self.batch_size = max(1, batch_size)
+        self.max_batch_tokens = max_batch_tokens
+        self.one_forward = one_forward
         context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 1 << 30
         self.max_tokens = min(max_tokens or context, context)
         self.device = next(model.parameters()).device
-        special = [] if include_special_tokens else list(getattr(tokenizer, "all_special_ids", []) or [])
-        self._special = torch.tensor(sorted(set(special)), dtype=torch.long, device=self.device)
+        self.include_special_tokens = include_special_tokens
+        self._special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=torch.long)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        latents = sorted({int(i) for p in self.policies for i in p.latent_indices.tolist()})
-        probes = sorted({n for p in self.policies for n in p.probe_names})
-        self._latents = latents
-        self._subset = sae.subset_encoder(latents)
-        self._probe_names = probes
-        if probes:
-            if catalog is None:
-                raise ValueError("the policies use probes but no catalog was given")
-            pairs = [catalog.probe(n) for n in probes]
-            self._P = torch.stack([d.float() for d, _ in pairs], 1).to(self.device)
-            self._b = torch.tensor([b for _, b in pairs], device=self.device)
-        col: dict[tuple[str, object], int] = {("latent", i): c for c, i in enumerate(latents)}
-        col.update({("probe", n): len(latents) + c for c, n in enumerate(probes)})
-        self._columns = [torch.tensor([col[(f.kind, f.index if f.kind == "latent" else f.name)]
-                                       for f in p.features], dtype=torch.long, device=self.device)
-                         for p in self.policies]
 
-    # ------------------------------------------------------------------ tokens
-    def _template(self, messages: Sequence[Mapping[str, str]], generation: bool = False) -> list[int]:
-        return token_ids(self.tokenizer.apply_chat_template(list(messages), tokenize=True,
-                                                            add_generation_prompt=generation))
-
-    def prepare(self, conv: Conversation) -> _Prepared | Problem:
-        """Token ids and turn boundaries, or a Problem (``template``, ``too_long``)."""
-        def problem(kind: str, detail: str) -> Problem:
-            return Problem(conv.key, conv.source, conv.line, kind, detail)
-
-        msgs = list(conv.messages)
-        try:
-            full = self._template(msgs)
-            if msgs[-1]["role"] == "assistant":  # exactly the ids Monitor.scan builds
-                prompt_ids = self._template(msgs[:-1], generation=True)
-                full = prompt_ids + full[len(prompt_ids):]
-                prompt_end = len(prompt_ids)
-            else:
-                prompt_end = len(full)
-            if len(full) > self.max_tokens:
-                return problem("too_long", f"{len(full)} tokens, more than the model's context of "
-                                           f"{self.max_tokens}; skipped (not windowed)")
-            prefixes = [self._template(msgs[:k + 1]) for k in range(len(msgs) - 1)]
-            if any(full[:len(q)] != q for q in prefixes):
-                return problem("template", "the chat template renders earlier turns differently in "
-                                           "later requests; per-turn replay needs a prefix-stable template")
-            ends = [len(q) for q in prefixes] + [len(full)]
-            responses = [(k, len(self._template(msgs[:k], generation=True)) if k else 0, ends[k])
-                         for k, m in enumerate(msgs) if m["role"] == "assistant"]
-        except Exception as exc:  # noqa: BLE001 - a template refusing a conversation is bad input
-            return problem("template", f"the chat template refused this conversation ({type(exc).__name__}: {exc})")
-        return _Prepared(conv, full, prompt_end, ends, responses)
-
-    # ------------------------------------------------------------------ scanning
     def scan(self, conversations: Sequence[Conversation]) -> list[ScanResult | Problem]:
         """Results in input order; each conversation gives a ScanResult or a Problem."""
-        prepared = [self.prepare(c) for c in conversations]
-        out: list[ScanResult | Problem | None] = [p if isinstance(p, Problem) else None for p in prepared]
-        todo = sorted((i for i, p in enumerate(prepared) if not isinstance(p, Problem)),
-                      key=lambda i: len(prepared[i].ids))  # type: ignore[union-attr]
-        for lo in range(0, len(todo), self.batch_size):
-            chunk = todo[lo:lo + self.batch_size]
-            for i, result in zip(chunk, self._scan_batch([prepared[i] for i in chunk])):  # type: ignore[misc]
-                out[i] = result
-        return out  # type: ignore[return-value]
+        plans = [plan(self.tokenizer, c, self.max_tokens, one_forward=self.one_forward) for c in conversations]
+        rows = [(i, j) for i, p in enumerate(plans) if isinstance(p, Replay) for j in range(len(p.rows))]
+        lengths = [len(plans[i].rows[j].ids) for i, j in rows]  # type: ignore[union-attr]
+        found: dict[tuple[int, int], list[_Found]] = {}
+        for bucket in length_buckets(lengths, self.batch_size, self.max_batch_tokens):
+            batch = [rows[n] for n in bucket]
+            for key, per_version in zip(batch, self._scan_rows([plans[i].rows[j] for i, j in batch])):  # type: ignore[union-attr]
+                found[key] = per_version
+        out: list[ScanResult | Problem] = []
+        for i, p in enumerate(plans):
+            if isinstance(p, Problem):
+                out.append(p)
+                continue
+            per_row = [found[(i, j)] for j in range(len(p.rows))]
+            versions = tuple(_verdict(policy, p, [f[v] for f in per_row]) for v, policy in enumerate(self.policies))
+            c = p.conv
+            out.append(ScanResult(c.key, c.id, c.source, c.line, p.tokens, len(c.messages),
+                                  messages_digest(c.messages), versions, p.mode))
+        return out
 
     @torch.no_grad()
-    def _scan_batch(self, batch: Sequence[_Prepared]) -> list[ScanResult]:
-        B, T = len(batch), max(len(p.ids) for p in batch)
-        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        attn = torch.zeros(B, T, dtype=torch.long)
-        for b, p in enumerate(batch):
-            ids[b, :len(p.ids)] = torch.tensor(p.ids)
-            attn[b, :len(p.ids)] = 1
-        ids, attn = ids.to(self.device), attn.to(self.device)
+    def _scan_rows(self, rows: Sequence[Row]) -> list[list[_Found]]:
+        """One forward (stopped after the SAE's layer) over ``rows``; per row, per version."""
+        ids, attention = pad_batch([r.ids for r in rows], self.pad_id)
+        mask = monitor_mask(ids, attention.sum(1), self._special, self.include_special_tokens).to(self.device)
+        ids = ids.to(self.device)
         captured: list[torch.Tensor] = []
-        forward_through(self.model, {self.sae.hook_point: captured.append}, input_ids=ids, attention_mask=attn)
+        # unpadded: no mask, so the model keeps its fast causal attention path (see runtime.scan)
+        forward_through(self.model, {self.sae.hook_point: captured.append}, input_ids=ids,
+                        attention_mask=None if bool(attention.all()) else attention.to(self.device))
         resid = captured[0]
-        feats = self._encode(resid)  # [B, T, union]
+        valid = mask & self.encoders[0].content_mask(resid)
+        T = ids.shape[1]
         pos = torch.arange(T, device=self.device)
-        valid = attn.bool() & (pos[None, :] != 0) & self.sae.input_mask(resid)
-        if self._special.numel():
-            valid &= ~torch.isin(ids, self._special)
-        prompt_mask = valid & (pos[None, :] < torch.tensor([p.prompt_end for p in batch], device=self.device)[:, None])
-        rows = [(b, start, end) for b, p in enumerate(batch) for _, start, end in p.responses]
-        width = max([end - start for _, start, end in rows] + [0])
-        r_conv = torch.tensor([r[0] for r in rows], dtype=torch.long, device=self.device)
-        r_start = torch.tensor([r[1] for r in rows], dtype=torch.long, device=self.device)
-        r_len = torch.tensor([r[2] - r[1] for r in rows], dtype=torch.long, device=self.device)
+        ends = torch.tensor([r.prompt_end for r in rows], device=self.device)
+        prompt_mask = valid & (pos[None, :] < ends[:, None])
+        spans = [(b, k, start, end) for b, r in enumerate(rows) for k, start, end in r.responses]
+        width = max([end - start for _, _, start, end in spans] + [0])
+        s_row = torch.tensor([s[0] for s in spans], dtype=torch.long, device=self.device)
+        s_start = torch.tensor([s[2] for s in spans], dtype=torch.long, device=self.device)
+        s_len = torch.tensor([s[3] - s[2] for s in spans], dtype=torch.long, device=self.device)
         offs = torch.arange(width, device=self.device)
-        gather_pos = (r_start[:, None] + offs[None, :]).clamp(max=T - 1)
-        resp_mask = valid[r_conv[:, None], gather_pos] & (offs[None, :] < r_len[:, None])
-        resp_feats = feats[r_conv[:, None], gather_pos]  # [R, W, union]
-        per_version = []
-        for policy, cols in zip(self.policies, self._columns):
-            p_hits, p_counts = _step(policy, feats.index_select(2, cols), prompt_mask, "prompt")
-            r_hits, r_counts = _step(policy, resp_feats.index_select(2, cols), resp_mask, "response")
-            per_version.append((policy, p_hits, p_counts, r_hits, r_counts))
-        results = []
-        for b, p in enumerate(batch):
-            versions = []
-            for policy, p_hits, p_counts, r_hits, r_counts in per_version:
-                row_ids = [k for k, r in enumerate(rows) if r[0] == b]
-                versions.append(self._verdict(policy, p, p_hits.get(b, []), p_counts[b],
-                                              [(rows[k], r_hits.get(k, [])) for k in row_ids],
-                                              r_counts[row_ids].sum(0) if row_ids else None))
-            results.append(ScanResult(p.conv.key, p.conv.id, p.conv.source, p.conv.line, len(p.ids),
-                                      len(p.conv.messages), messages_digest(p.conv.messages), tuple(versions)))
-        return results
+        gather = (s_start[:, None] + offs[None, :]).clamp(max=T - 1)
+        resp_mask = valid[s_row[:, None], gather] & (offs[None, :] < s_len[:, None])
+        out: list[list[_Found]] = [[] for _ in rows]
+        for policy, encoder in zip(self.policies, self.encoders):
+            feats = encoder.encode(resid)  # exactly the live monitor's columns for this version
+            p_hits, p_counts = _step(policy, feats, prompt_mask, "prompt")
+            r_hits, r_counts = _step(policy, feats[s_row[:, None], gather], resp_mask, "response")
+            zero = [0] * len(policy.rules)
+            for b in range(len(rows)):
+                mine = [n for n, s in enumerate(spans) if s[0] == b]
+                counts = [sum(c) for c in zip(zero, *(r_counts[n] for n in mine))]
+                out[b].append(_Found(p_hits.get(b, []), p_counts[b],
+                                     [(spans[n][1], spans[n][2], r_hits.get(n, [])) for n in mine], counts))
+        return out
 
-    def _encode(self, resid: torch.Tensor) -> torch.Tensor:
-        """The union's columns, computed as the live monitor computes them."""
-        x = resid.to(self.sae.W_enc.dtype)
-        latents = self._subset(x).float()
-        if not self._probe_names:
-            return latents
-        return torch.cat([latents, x.float() @ self._P + self._b], dim=-1)
 
-    def _verdict(self, policy: CompiledPolicy, p: _Prepared, prompt_hits: list[Hit], prompt_counts: list[int],
-                 responses: list[tuple[tuple[int, int, int], list[Hit]]], resp_counts: Any) -> VersionResult:
-        counts = list(prompt_counts)
-        if resp_counts is not None:
-            counts = [a + int(c) for a, c in zip(counts, resp_counts.tolist())]
-        first: dict[str, tuple[int, str, int, Hit]] = {}  # rule -> (position, scope, turn, hit)
-        for hit in prompt_hits:
-            turn = next(i for i, e in enumerate(p.turn_ends) if hit.token_index < e)
-            if hit.rule_id not in first or hit.token_index < first[hit.rule_id][0]:
-                first[hit.rule_id] = (hit.token_index, "prompt", turn, hit)
-        turn_of = {start: k for k, start, _ in p.responses}
-        for (_, start, _), hits in responses:
-            turn = turn_of[start]
-            for hit in hits:
-                position = start + hit.token_index
-                if hit.rule_id not in first or position < first[hit.rule_id][0]:
-                    first[hit.rule_id] = (position, "response", turn, hit)
-        index = {r.id: r.index for r in policy.rules}
-        firings = tuple(Firing(rule, turn, scope, hit.token_index, position, counts[index[rule]], hit.feature,
-                               float(hit.activation), hit.mode, rule_action(hit.actions))
-                        for rule, (position, scope, turn, hit) in sorted(first.items(), key=lambda kv: kv[1][0]))
-        return VersionResult(decide(firings), firings)
+def _verdict(policy: CompiledPolicy, replay: Replay, found: Sequence[_Found]) -> VersionResult:
+    """One version's verdict from its findings in each of the conversation's rows. A rule's
+    firing is its earliest (turn, position, prompt before response); ``tokens_fired`` counts the
+    last row's prompt stream (the whole history) plus every turn's response."""
+    counts = list(found[-1].prompt_counts)
+    for f in found:
+        counts = [a + b for a, b in zip(counts, f.response_counts)]
+    first: dict[str, tuple[tuple[int, int, int], str, Hit]] = {}
+    for row, f in zip(replay.rows, found):
+        last_turn = row.responses[-1][0] if row.responses else len(replay.turn_ends) - 1
+        candidates = [((min(replay.turn_at(h.token_index), last_turn), h.token_index, 0), "prompt", h)
+                      for h in f.prompt_hits]
+        candidates += [((k, start + h.token_index, 1), "response", h) for k, start, hits in f.responses for h in hits]
+        for key, scope, hit in candidates:
+            if hit.rule_id not in first or key < first[hit.rule_id][0]:
+                first[hit.rule_id] = (key, scope, hit)
+    index = {r.id: r.index for r in policy.rules}
+    firings = tuple(Firing(rule, turn, scope, hit.token_index, position, counts[index[rule]], hit.feature,
+                           float(hit.activation), hit.mode, rule_action(hit.actions))
+                    for rule, ((turn, position, _), scope, hit) in sorted(first.items(), key=lambda kv: kv[1][0]))
+    return VersionResult(decide(firings), firings)
 
 
 def _step(policy: CompiledPolicy, feats: torch.Tensor, mask: torch.Tensor, scope: str
-          ) -> tuple[dict[int, list[Hit]], Any]:
-    """One engine step over all rows; hits grouped by row and firing-token counts [rows, rules]."""
+          ) -> tuple[dict[int, list[Hit]], list[list[int]]]:
+    """One engine step over all rows, fresh state; hits by row and fired-token counts [row][rule]."""
     rows = feats.shape[0]
     if rows == 0:
-        return {}, torch.zeros(0, len(policy.rules), dtype=torch.long)
+        return {}, []
     state = policy.new_state(rows, feats.device)
     result = policy.step(state, feats, mask, scope)  # type: ignore[arg-type]
     by_row: dict[int, list[Hit]] = {}
     for hit in result.hits:
         by_row.setdefault(hit.row, []).append(hit)
-    counts = result.fired.sum(1).cpu() if result.hits else torch.zeros(rows, len(policy.rules), dtype=torch.long)
-    return by_row, (counts.tolist() if scope == "prompt" else counts)
+    if not result.hits:
+        return by_row, [[0] * len(policy.rules) for _ in range(rows)]
+    return by_row, result.fired.sum(1).cpu().tolist()

@@ -33,6 +33,8 @@ def add_parser(subparsers: Any, parents: Any = None) -> argparse.ArgumentParser:
     p.add_argument("--html", default=None, metavar="REPORT.html", help="also write the HTML report")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
     p.add_argument("--batch-size", type=int, default=16, help="conversations per forward pass (default 16)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="padded tokens per forward pass; conversations are bucketed by length (default 4096)")
     p.add_argument("--chunk-size", type=int, default=256, help="records per committed chunk (default 256)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="skip longer conversations, with a reason (default: the model's context)")
@@ -56,10 +58,11 @@ def cmd_backtest(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from monitor.backtest.run import BacktestConfig, default_parts, finish, prepare, run_backtest
     from monitor.shipped import shipped_policies_dir
 
+    sizes = {} if args.max_batch_tokens is None else {"max_batch_tokens": args.max_batch_tokens}
     config = BacktestConfig(
         data=list(args.logs), policies=str(args.policies or shipped_policies_dir()), out=args.out,
         against=args.against, batch_size=args.batch_size, chunk_size=args.chunk_size, max_tokens=args.max_tokens,
-        include_text=args.include_text, fields=FieldMap.parse(args.field))
+        include_text=args.include_text, fields=FieldMap.parse(args.field), **sizes)
     expand(config.data)  # a missing input fails now, not after the model loads
     parts = default_parts()
     bar = None
@@ -86,7 +89,8 @@ def cmd_backtest(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             connect(None if args.ray == "local" else args.ray)
             run_on_ray(paths, versions, store, factory=default_parts, workers=args.workers,
                        batch_size=config.batch_size, chunk_size=config.chunk_size, max_tokens=config.max_tokens,
-                       include_text=config.include_text, fields=config.fields, progress=progress)
+                       max_batch_tokens=config.max_batch_tokens, include_text=config.include_text,
+                       fields=config.fields, progress=progress)
             outcome = finish(config, versions, store)
     finally:
         if bar is not None:

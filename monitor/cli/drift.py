@@ -47,6 +47,9 @@ def add_parser(subparsers: Any, parents: Any = None) -> None:
     p.add_argument("--prompts", default=None, help="JSONL of prompts both models answer (default: a built-in set)")
     p.add_argument("--texts", default=None, help="JSONL of unrelated texts for the lens and KL (default: built-in)")
     p.add_argument("--policies", default=None, help="policy files or directory (default: the shipped policies)")
+    p.add_argument("--direction", action="append", default=None, metavar="PAIRS.jsonl",
+                   help="minimal-pair file (e.g. datasets/unsafe_code_pairs.jsonl) whose concept direction "
+                        "to follow: the candidate's shift along concept minus contrast (repeat; default: none)")
     p.add_argument("--html", default=None, metavar="REPORT.html", help="also write an HTML report")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--passes", default="greedy,sampled", help="comma-separated: greedy, sampled (default: both)")
@@ -57,7 +60,7 @@ def add_parser(subparsers: Any, parents: Any = None) -> None:
     p.add_argument("--include-text", action="store_true",
                    help="put prompts, answers and contexts in the JSON (off: no text leaves the report)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_drift)
+    p.set_defaults(func=cmd_drift, batch_size=None)   # None: Options' default, sized for generation
 
 
 def _progress(err: TextIO, quiet: bool) -> Any:
@@ -92,9 +95,11 @@ def cmd_drift(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
         torch.set_num_threads(args.threads)
     options = Options(max_new_tokens=args.max_new_tokens, passes=passes, seed=args.seed, fdr=args.fdr,
-                      batch_size=args.batch_size, kl_tokens=args.kl_tokens, lens_tokens=args.lens_tokens)
+                      batch_size=args.batch_size or Options.batch_size, kl_tokens=args.kl_tokens,
+                      lens_tokens=args.lens_tokens)
     result = drift(args.base, args.candidate, prompts=args.prompts, texts=args.texts, sae=args.sae,
                    catalog=args.catalog, policies=args.policies, options=options,
+                   directions=args.direction,
                    progress=_progress(err, args.quiet))
     out.write(to_json(result, include_text=args.include_text) + "\n" if args.json else table(result))
     if args.html:

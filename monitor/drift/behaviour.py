@@ -4,21 +4,25 @@ Each model answers every prompt twice (greedy, and sampled with a fixed seed per
 identical models give identical answers), in left-padded batches, under monitored generation
 (:class:`monitor.runtime.hf.Monitor`). The policies run in **shadow** mode here: a drift check
 observes what each model would do; a block or a steer would cut or change the answer and
-hide later behaviour. Per answer we record which rules fired; the catalog features' mean and
-peak over the answer's tokens are measured by :mod:`monitor.drift.teacher` on the transcripts
-this pass returns.
+hide later behaviour. Per answer we record which rules fired and, given the watched feature
+columns, their mean and peak over the answer's tokens, read from the residuals the model
+computes while generating (each answer token is fed back once, at the next decode step or the
+monitor's final step), so the answers need no second, teacher-forced pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from monitor.capture import residual_hook
 from monitor.catalog import Catalog
 from monitor.data import token_ids
+from monitor.drift.teacher import Columns
 from monitor.policy import CompiledPolicy, PolicySet, compile_policies
 from monitor.sae import SAE
 
@@ -47,6 +51,47 @@ class Behaviour:
     rule_ids: tuple[str, ...]
     fired: torch.Tensor
     transcripts: tuple[tuple[Transcript, ...], ...]
+    answer_features: AnswerFeatures | None = None
+
+
+@dataclass(frozen=True)
+class AnswerFeatures:
+    """Per non-empty answer (all passes, in ``transcripts`` order), each watched feature
+    column's mean and peak over the answer's tokens (special tokens and tokens outside the
+    SAE's input range left out; 0 where none is left)."""
+
+    feature_mean: torch.Tensor   # [answers, F]
+    feature_peak: torch.Tensor   # [answers, F]
+
+
+class _StepFeatures:
+    """Collects the watched columns of every position fed after the prefill of one batch."""
+
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], sae: SAE) -> None:
+        self.encode, self.sae = encode, sae
+        self.calls = 0
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, resid: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls > 1:      # the first call is the prompt's prefill
+            self.steps.append((self.encode(resid).detach(), self.sae.input_mask(resid.detach()).cpu()))
+
+    def pooled(self, responses: Sequence[Sequence[int]], special: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, peak)`` per row over the first ``len(responses[r])`` fed positions."""
+        if not self.steps:
+            zeros = torch.zeros(len(responses), 0)
+            return zeros, zeros
+        feats = torch.cat([f for f, _ in self.steps], dim=1).float()          # [B, S, F]
+        keep = torch.cat([m for _, m in self.steps], dim=1)                    # [B, S]
+        width = feats.shape[1]
+        ids = torch.tensor([list(r[:width]) + [-1] * (width - len(r[:width])) for r in responses])
+        keep &= (ids >= 0) & ~torch.isin(ids, special)
+        m = keep[..., None].float()
+        mean = (feats * m).sum(1) / m.sum(1).clamp_min(1.0)
+        peak = feats.masked_fill(~keep[..., None], float("-inf")).amax(1).clamp_min(0.0)
+        return mean, peak
 
 
 def shadow_policy(policy_set: PolicySet, catalog: Catalog | None, d_sae: int) -> CompiledPolicy:
@@ -77,8 +122,10 @@ def _batches(order: Sequence[int], size: int) -> list[list[int]]:
 def answer(model: Any, tokenizer: Any, sae: SAE, policy: CompiledPolicy, catalog: Catalog | None,
            prompts: Sequence[Sequence[dict[str, str]]], *, max_new_tokens: int = 64,
            passes: Sequence[str] = ("greedy", "sampled"), seed: int = 0, batch_size: int = 16,
-           temperature: float = 0.8, progress: Progress | None = None) -> Behaviour:
-    """Answer ``prompts`` with ``model`` under ``policy`` (use :func:`shadow_policy`)."""
+           temperature: float = 0.8, columns: Columns | None = None,
+           progress: Progress | None = None) -> Behaviour:
+    """Answer ``prompts`` with ``model`` under ``policy`` (use :func:`shadow_policy`); with
+    ``columns``, also measure them over each answer (:class:`AnswerFeatures`)."""
     from monitor.runtime.hf import Monitor
 
     monitor = Monitor(model, tokenizer, sae=sae, policies=policy, catalog=catalog, on_error="closed",
@@ -91,6 +138,10 @@ def answer(model: Any, tokenizer: Any, sae: SAE, policy: CompiledPolicy, catalog
     stops = _stop_ids(tokenizer)
     fired = torch.zeros(len(passes), len(prompts), len(rule_ids), dtype=torch.bool)
     out: list[list[Transcript | None]] = [[None] * len(prompts) for _ in passes]
+    encode = columns.encoder(sae) if columns is not None else None
+    special = torch.tensor(sorted({int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}),
+                           dtype=torch.long)
+    pooled: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = [[None] * len(prompts) for _ in passes]
     try:
         for p_index, mode in enumerate(passes):
             for b_index, rows in enumerate(_batches(order, batch_size)):
@@ -103,20 +154,35 @@ def answer(model: Any, tokenizer: Any, sae: SAE, policy: CompiledPolicy, catalog
                     options.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
                 else:
                     options.update(do_sample=False)
-                sequences = monitor.generate(input_ids=ids, attention_mask=mask, **options)
+                steps = _StepFeatures(encode, sae) if encode is not None else None
+                with residual_hook(model, sae.hook_point, steps) if steps is not None else nullcontext():
+                    sequences = monitor.generate(input_ids=ids, attention_mask=mask, **options)
                 report = monitor.last_report
                 assert report is not None
                 for hit in report.hits:
                     fired[p_index, rows[hit.row], column[hit.rule_id]] = True
+                responses = []
                 for r, i in enumerate(rows):
                     response = sequences[r, width:].tolist()
                     cut = next((k for k, t in enumerate(response) if t in stops), len(response))
-                    response = response[:cut]
-                    out[p_index][i] = Transcript(tuple(rendered[i]), tuple(response),
-                                                 tokenizer.decode(response, skip_special_tokens=True))
+                    responses.append(response[:cut])
+                    out[p_index][i] = Transcript(tuple(rendered[i]), tuple(responses[-1]),
+                                                 tokenizer.decode(responses[-1], skip_special_tokens=True))
+                if steps is not None:
+                    mean, peak = steps.pooled(responses, special)
+                    for r, i in enumerate(rows):
+                        pooled[p_index][i] = (mean[r], peak[r])
                 if progress is not None:
                     progress(len(rows))
     finally:
         monitor.close()
     transcripts = tuple(tuple(t for t in row if t is not None) for row in out)
-    return Behaviour(tuple(passes), rule_ids, fired, transcripts)
+    features = None
+    if columns is not None:
+        kept = [pair for p, row in enumerate(transcripts) for i, t in enumerate(row)
+                if t.response_ids and (pair := pooled[p][i]) is not None]
+        width = len(columns.names)
+        features = AnswerFeatures(
+            torch.stack([m for m, _ in kept]) if kept else torch.zeros(0, width),
+            torch.stack([k for _, k in kept]) if kept else torch.zeros(0, width))
+    return Behaviour(tuple(passes), rule_ids, fired, transcripts, features)

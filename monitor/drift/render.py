@@ -50,6 +50,14 @@ def candidate_table(c: CandidateDrift, fdr: float) -> str:
     lines.append(f"difference lens (first {c.lens.tokens} tokens of texts): |diff| {c.lens.norm:.3f} "
                  f"({c.lens.relative_norm:.1%} of the residual); points to "
                  + ", ".join(f"{e.name} ({e.cosine:+.2f})" for e in c.lens.top_latents[:5]))
+    if c.directions:
+        lines.append("concept directions (teacher-forced shift of the mean residual, candidate - base; "
+                     "relative: in units of the pairs' own separation):")
+        lines += ["  " + s for s in _rows(
+            ["direction", "pairs", "shift", "relative", "95% CI", "null", "score", "p", "verdict"],
+            [[d.name, str(d.pairs), f"{d.delta:+.4f}", f"{d.relative:+.3f}", f"[{d.ci_low:+.3f}, {d.ci_high:+.3f}]",
+              f"{d.null_delta:.4f}", f"{d.score:.2f}", f"{d.p_value:.4f}", _VERDICT_MARK[d.verdict]]
+             for d in c.directions])]
     lines.append(f"FVU: base {c.fvu.base:.3f}, candidate {c.fvu.candidate:.3f}"
                  + ("  WARNING: clearly worse" if c.fvu.worse else ""))
     lines.append(f"KL(base||candidate) per token, first {c.kl.tokens} tokens: {c.kl.mean:.4f} "
@@ -200,6 +208,15 @@ def _candidate_html(c: CandidateDrift, fdr: float) -> str:
                      f'<td>{f.delta:+.3f}</td><td>[{f.ci_low:+.3f}, {f.ci_high:+.3f}]</td><td>{f.t:+.1f}</td>'
                      f'<td>{f.q_value:.4f}</td><td>{f.base_response_peak:.2f} / {f.candidate_response_peak:.2f}</td>'
                      f'<td class="{f.verdict}">{f.verdict}</td></tr>' for f in c.features) + "</table>")
+    if c.directions:
+        parts.append("<h3>Concept directions (teacher-forced shift of the mean residual along what separates "
+                     "each minimal-pair set's two sides)</h3>")
+        parts.append("<table><tr><th>direction</th><th>pairs</th><th>shift</th><th>relative to separation</th>"
+                     "<th>95% CI</th><th>null (random directions)</th><th>score</th><th>p</th><th>verdict</th></tr>"
+                     + "".join(f'<tr><td>{_e(d.name)}</td><td>{d.pairs}</td><td>{d.delta:+.4f}</td>'
+                               f'<td>{d.relative:+.3f}</td><td>[{d.ci_low:+.3f}, {d.ci_high:+.3f}]</td>'
+                               f'<td>{d.null_delta:.4f}</td><td>{d.score:.2f}</td><td>{d.p_value:.4f}</td>'
+                               f'<td class="{d.verdict}">{d.verdict}</td></tr>' for d in c.directions) + "</table>")
     parts.append("<h3>Most-moved latents</h3>")
     parts.append(latents_svg(c))
     for s in list(c.latents_up) + list(c.latents_down):

@@ -117,6 +117,33 @@ class KL:
 
 
 @dataclass(frozen=True)
+class DirectionDrift:
+    """The teacher-forced shift (candidate − base) of the items' mean residuals along a concept
+    direction from minimal pairs (:mod:`monitor.drift.direction`). ``delta`` is in residual
+    units, ``relative`` (and its interval) in units of the pairs' own ``separation`` (1.0 = as
+    far as from the contrast side to the concept side); ``null_delta`` is the 95th percentile
+    of the absolute mean shift along random active latents' decoder rows, ``score`` is
+    ``delta / null_delta`` (0 when negative; above 1 = moved more along the concept than along
+    95% of random directions); ``t`` the paired t statistic of the shift."""
+
+    name: str
+    source: str
+    pairs: int
+    separation: float
+    base_projection: float
+    candidate_projection: float
+    delta: float
+    relative: float
+    ci_low: float
+    ci_high: float
+    t: float
+    null_delta: float
+    p_value: float
+    score: float
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
 class CandidateDrift:
     """Everything measured for one candidate against the base."""
 
@@ -132,6 +159,7 @@ class CandidateDrift:
     fvu: FVU
     kl: KL
     drift_score: float
+    directions: tuple[DirectionDrift, ...] = ()
     warnings: tuple[str, ...] = ()
     responses: tuple[tuple[str, ...], ...] = ()   # [pass][prompt], candidate's answers
     seconds: float = 0.0

@@ -27,6 +27,7 @@ import torch
 
 from monitor.catalog import Catalog
 from monitor.drift import behaviour as beh
+from monitor.drift import direction as dr
 from monitor.drift import load as ld
 from monitor.drift import teacher as tf
 from monitor.drift import verdict as vd
@@ -47,7 +48,8 @@ class Options:
     passes: tuple[str, ...] = ("greedy", "sampled")
     seed: int = 0
     fdr: float = 0.05
-    batch_size: int = 16
+    batch_size: int = 32           # prompts per generate call; items per teacher-forced batch
+    max_batch_tokens: int = 4096   # padded tokens per teacher-forced batch
     ctx: int = 256
     kl_tokens: int = 32
     lens_tokens: int = 8
@@ -68,11 +70,13 @@ class Prepared:
     catalog: Catalog | None
     policy_set: PolicySet
     policy: CompiledPolicy
+    directions: tuple[Path, ...] = ()
 
 
 def prepare(base: str | Path, candidates: Sequence[str | Path], *, prompts: str | Path | Sequence[Prompt] | None,
             texts: str | Path | Sequence[str] | None, sae: str | Path | SAE, catalog: str | Path | Catalog | None,
-            policies: str | Path | Sequence[str | Path] | None) -> Prepared:
+            policies: str | Path | Sequence[str | Path] | None,
+            directions: Sequence[str | Path] | None = None) -> Prepared:
     """Stage 1: resolve and check every input; raises :class:`~monitor.drift.load.DriftInputError`
     (or the policy/catalog/SAE error) before a single weight is read."""
     from monitor.catalog import load_catalog
@@ -105,10 +109,19 @@ def prepare(base: str | Path, candidates: Sequence[str | Path], *, prompts: str 
     if catalog is None and isinstance(sae, str) and sae == "default" and SHIPPED_CATALOG.is_file():
         catalog = SHIPPED_CATALOG
     cat = catalog if isinstance(catalog, Catalog) or catalog is None else load_catalog(catalog, d_sae=sae_obj.cfg.d_sae)
+    if cat is not None:
+        layer = sae_obj.hook_point.layer
+        other = [e.name for e in cat.features if e.latent is None and cat.probe_layer(e.name) != layer]
+        if other:
+            raise ld.DriftInputError(f"catalog probes {', '.join(other)} read another layer than the SAE's "
+                                     f"({layer}); a drift check measures at the SAE's layer only: pass a "
+                                     "catalog without them (--catalog)")
     policy_set = load_policies(policies if policies is not None else shipped_policies_dir(), cat,
                                d_sae=sae_obj.cfg.d_sae)
     policy = compile_policies(policy_set, cat, d_sae=sae_obj.cfg.d_sae)
-    return Prepared(base_src, cand_srcs, tuple(prompt_list), tuple(text_list), sae_obj, cat, policy_set, policy)
+    pair_files = tuple(dr.check_pairs(p) for p in directions or ())
+    return Prepared(base_src, cand_srcs, tuple(prompt_list), tuple(text_list), sae_obj, cat, policy_set, policy,
+                    pair_files)
 
 
 def feature_columns(prep: Prepared) -> tuple[tf.Columns, set[str], dict[int, str]]:
@@ -148,10 +161,6 @@ class _Stage:
             self.progress(self.name, advance, self.total)
 
 
-def _own_items(behaviour: beh.Behaviour) -> list[tf.Item]:
-    return [tf.Item(tuple(t.ids), len(t.prompt_ids)) for row in behaviour.transcripts for t in row if t.response_ids]
-
-
 class DriftCheck:
     """A base model measured once, against which candidates are compared one at a time.
 
@@ -176,7 +185,10 @@ class DriftCheck:
         self.items = [tf.Item(tuple(t.ids), len(t.prompt_ids)) for t in self.base_beh.transcripts[0]] + self.text_items
         self.text_rows = torch.arange(n_prompts, n_prompts + len(prep.texts))
         self.base_tf = self._measure(self.base_model, self.items, "base: teacher-forced")
-        self.base_own = self._measure(self.base_model, _own_items(self.base_beh), "base: own answers")
+        point = prep.sae.hook_point
+        self.directions = [dr.pair_direction(self.base_model, self.tokenizer, point, path, ctx=options.ctx,
+                                             batch_size=options.batch_size) for path in prep.directions]
+        self.null_rows = dr.null_directions(prep.sae, self.base_tf, seed=options.seed)
 
     def _get(self, source: ld.ModelSource) -> tuple[Any, Any]:
         return self.models.get(source.spec) or ld.load(source, self.prep.base)
@@ -185,12 +197,13 @@ class DriftCheck:
         o = self.options
         return beh.answer(model, self.tokenizer, self.prep.sae, self.shadow, self.prep.catalog, self.prep.prompts,
                           max_new_tokens=o.max_new_tokens, passes=o.passes, seed=o.seed, batch_size=o.batch_size,
-                          temperature=o.temperature,
+                          temperature=o.temperature, columns=self.columns,
                           progress=_Stage(self.progress, f"{label}: answer", len(self.prep.prompts) * len(o.passes)))
 
     def _measure(self, model: Any, items: Sequence[tf.Item], label: str) -> tf.Measurement:
         return tf.measure(model, self.tokenizer, self.prep.sae, self.columns, items,
-                          batch_size=max(1, self.options.batch_size // 2), ctx=self.options.ctx,
+                          batch_size=self.options.batch_size, max_batch_tokens=self.options.max_batch_tokens,
+                          ctx=self.options.ctx,
                           lens_tokens=self.options.lens_tokens, progress=_Stage(self.progress, label, len(items)))
 
     def compare(self, candidate: str | Path | ld.ModelSource) -> CandidateDrift:
@@ -203,20 +216,21 @@ class DriftCheck:
         label = source.label
         cand_beh = self._answer(cand_model, label)
         cand_tf = self._measure(cand_model, self.items, f"{label}: teacher-forced")
-        cand_own = self._measure(cand_model, _own_items(cand_beh), f"{label}: own answers")
         kl_items, kl_pos = tf.next_token_kl(self.base_model, cand_model, self.tokenizer, self.text_items,
-                                            n_tokens=o.kl_tokens, batch_size=max(1, o.batch_size // 2),
+                                            n_tokens=o.kl_tokens, batch_size=o.batch_size,
                                             progress=_Stage(self.progress, f"{label}: KL", len(self.text_items)))
         ups, downs, n_up, n_down, t = vd.moved_latents(self.base_tf, cand_tf, self.names, s)
         null_t = vd.null_threshold(self.base_tf, cand_tf, t, self.columns.latents, s)
-        feats = vd.features(self.columns, self.base_tf, cand_tf, self.base_own, cand_own, null_t, s)
+        assert self.base_beh.answer_features is not None and cand_beh.answer_features is not None
+        feats = vd.features(self.columns, self.base_tf, cand_tf, self.base_beh.answer_features,
+                            cand_beh.answer_features, null_t, s)
         fvu = vd.fvu(self.base_tf, cand_tf)
         warnings = []
         if fvu.worse:
             warnings.append(f"the SAE fits the candidate clearly worse (FVU {fvu.candidate:.3f} vs {fvu.base:.3f} "
                             "under the base): latent changes are suspect")
-        ups, downs = _with_contexts(ups, downs, cand_model, self.base_model, self.tokenizer, prep.sae,
-                                    self.base_beh, prep.texts, o)
+        ups, downs = _with_contexts(ups, downs, (cand_model, cand_tf), (self.base_model, self.base_tf),
+                                    self.tokenizer, prep.sae, self.base_beh, prep.texts, o)
         return CandidateDrift(
             candidate=str(source.spec),
             rules=vd.rules([r.id for r in prep.policy.rules], [r.mode for r in prep.policy.rules],
@@ -225,7 +239,10 @@ class DriftCheck:
             null_t=null_t, lens=vd.lens(self.base_tf, cand_tf, self.text_rows, prep.sae.W_dec.detach(), self.columns,
                                         self.names, o.lens_tokens, o.top_k),
             fvu=fvu, kl=vd.kl_summary(kl_items, kl_pos, o.kl_tokens, s),
-            drift_score=vd.drift_score(feats, self.watched, null_t), warnings=tuple(warnings),
+            drift_score=vd.drift_score(feats, self.watched, null_t),
+            directions=tuple(dr.direction_shift(d, self.base_tf, cand_tf, self.null_rows, fdr=o.fdr, seed=o.seed)
+                             for d in self.directions),
+            warnings=tuple(warnings),
             responses=tuple(tuple(t.text for t in row) for row in cand_beh.transcripts),
             seconds=time.perf_counter() - started)
 
@@ -245,16 +262,21 @@ class DriftCheck:
 def drift(base: str | Path = "default", candidates: Sequence[str | Path] = (), *,
           prompts: str | Path | Sequence[Prompt] | None = None, texts: str | Path | Sequence[str] | None = None,
           sae: str | Path | SAE = "default", catalog: str | Path | Catalog | None = None,
-          policies: str | Path | Sequence[str | Path] | None = None, options: Options = Options(),
+          policies: str | Path | Sequence[str | Path] | None = None,
+          directions: Sequence[str | Path] | None = None, options: Options = Options(),
           progress: ProgressFn | None = None, models: dict[str, tuple[Any, Any]] | None = None,
           on_candidate: Callable[[CandidateDrift], None] | None = None) -> DriftResult:
     """Compare ``candidates`` (in order) with ``base``; see the module docstring.
 
     Every input is checked before any model is loaded. ``models`` maps a model argument to an
-    already loaded ``(model, tokenizer)`` (tests, notebooks). ``on_candidate`` is called with
+    already loaded ``(model, tokenizer)`` (tests, notebooks). ``directions``: minimal-pair JSONL
+    files whose concept directions to follow (:mod:`monitor.drift.direction`; none by default:
+    on the fine-tune panel the vulnerable-minus-fixed direction did not separate unsafe from
+    benign fine-tunes, see docs/drift.md). ``on_candidate`` is called with
     each candidate's result as soon as it is ready (long series: save as you go).
     """
-    prep = prepare(base, candidates, prompts=prompts, texts=texts, sae=sae, catalog=catalog, policies=policies)
+    prep = prepare(base, candidates, prompts=prompts, texts=texts, sae=sae, catalog=catalog, policies=policies,
+                   directions=directions)
     check = DriftCheck(prep, options=options, progress=progress, models=models)
     results = []
     for source in prep.candidates:
@@ -264,26 +286,34 @@ def drift(base: str | Path = "default", candidates: Sequence[str | Path] = (), *
     return check.result(results)
 
 
-def _with_contexts(ups: tuple, downs: tuple, cand_model: Any, base_model: Any, tokenizer: Any, sae: SAE,
-                   base_beh: beh.Behaviour, texts: Sequence[str], options: Options) -> tuple[tuple, tuple]:
+def _with_contexts(ups: tuple, downs: tuple, cand: tuple[Any, tf.Measurement], base: tuple[Any, tf.Measurement],
+                   tokenizer: Any, sae: SAE, base_beh: beh.Behaviour, texts: Sequence[str],
+                   options: Options) -> tuple[tuple, tuple]:
     """Attach top contexts (from :func:`monitor.explain.scan_latents`) to the most-moved
-    latents: under the candidate for latents that rose, under the base for those that fell."""
+    latents: under the candidate for latents that rose, under the base for those that fell.
+
+    The corpus is the base's greedy answers and the texts (the teacher-forced items). Only the
+    items where a chosen latent peaked highest in the teacher-forced pass (twice as many as
+    contexts are wanted, per latent) are scanned again, not the whole corpus."""
     from dataclasses import replace
 
     from monitor.explain import context_text, scan_latents
 
     if options.contexts <= 0:
         return ups, downs
-    corpus = [t.text for t in base_beh.transcripts[0] if t.text] + list(texts)
+    corpus = [t.text for t in base_beh.transcripts[0]] + list(texts)     # row i <-> teacher-forced item i
     out = []
-    for shifts, model in ((ups, cand_model), (downs, base_model)):
+    for shifts, (model, measured) in ((ups, cand), (downs, base)):
         chosen = [s.latent for s in shifts[:5]]
         if not chosen or not corpus:
             out.append(shifts)
             continue
+        peaks = measured.latent_peak[:, chosen]                               # [items, chosen]
+        top = torch.topk(peaks, k=min(2 * options.contexts, peaks.shape[0]), dim=0).indices.flatten().tolist()
+        rows = sorted({i for i in top if corpus[i]})
         try:
-            scans = scan_latents(model, tokenizer, sae, chosen, corpus, n=options.contexts, window=8,
-                                 ctx=min(options.ctx, 128), batch_size=max(1, options.batch_size // 2))
+            scans = scan_latents(model, tokenizer, sae, chosen, [corpus[i] for i in rows], n=options.contexts,
+                                 window=8, ctx=min(options.ctx, 128), batch_size=max(1, options.batch_size // 2))
         except MonitorError:
             out.append(shifts)
             continue

@@ -47,7 +47,23 @@ class Columns:
     probe_b: torch.Tensor  # [n_probes]
 
     def of(self, resid: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-        parts = [acts[..., list(self.latents)]]
+        """The columns from a float32 residual and its full SAE encoding ``acts[..., d_sae]``."""
+        return self._join(resid, acts[..., list(self.latents)])
+
+    def encoder(self, sae: SAE) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``resid -> columns`` encoding only the watched latents (for per-step use while
+        generating, where the full encoding is not needed)."""
+        subset = sae.subset_encoder(list(self.latents))
+        dtype = sae.W_enc.dtype
+
+        def encode(resid: torch.Tensor) -> torch.Tensor:
+            x = resid.to(dtype)
+            return self._join(x.float(), subset(x).float())
+
+        return encode
+
+    def _join(self, resid: torch.Tensor, latent_acts: torch.Tensor) -> torch.Tensor:
+        parts = [latent_acts]
         if self.probe_w.shape[1]:
             parts.append(resid @ self.probe_w + self.probe_b)
         return torch.cat(parts, dim=-1)
@@ -65,6 +81,7 @@ class Measurement:
     sum_x: torch.Tensor          # [N, d_in]
     sum_sq: torch.Tensor         # [N] sum of squared norms
     lens_mean: torch.Tensor      # [N, d_in] mean residual over the first lens_tokens scored tokens
+    latent_peak: torch.Tensor    # [N, d_sae] peak activation over the scored tokens (0 if none)
 
     def fvu(self, rows: torch.Tensor | None = None) -> float:
         """Fraction of the residual's variance (around its mean) the SAE fails to reconstruct."""
@@ -76,21 +93,30 @@ class Measurement:
         return float(self.sse[sel].sum()) / max(total, 1e-12)
 
 
-def _pad_batch(items: Sequence[Item], pad: int, ctx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pad_batch(items: Sequence[Item], pad: int, ctx: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Right-padded ids, the attention mask (None when no row is padded: the model then keeps
+    its fast causal path; an explicit mask makes CPU attention materialise ``[B, H, T, T]``)
+    and the scored positions."""
     seqs = [list(it.ids[:ctx]) for it in items]
     width = max(len(s) for s in seqs)
     ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
     attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
     pos = torch.arange(width)[None, :]
     scored = attn.bool() & (pos >= torch.tensor([it.score_from for it in items])[:, None])
-    return ids, attn, scored
+    return ids, None if bool(attn.all()) else attn, scored
 
 
 @torch.no_grad()
 def measure(model: Any, tokenizer: Any, sae: SAE, columns: Columns, items: Sequence[Item], *,
-            batch_size: int = 8, ctx: int = 256, lens_tokens: int = 8,
+            batch_size: int = 16, ctx: int = 256, lens_tokens: int = 8, max_batch_tokens: int = 2048,
             progress: Progress | None = None) -> Measurement:
-    """Run ``items`` through ``model`` up to the SAE's layer and measure them (see module doc)."""
+    """Run ``items`` through ``model`` up to the SAE's layer and measure them (see module doc).
+
+    Items go in length buckets (:func:`monitor.runtime.scan.length_buckets`) of at most
+    ``batch_size`` items and ``max_batch_tokens`` padded tokens; per-item results do not depend
+    on the batching (right padding under a causal mask) beyond float rounding."""
+    from monitor.runtime.scan import length_buckets
+
     point = sae.hook_point
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special = torch.tensor(sorted({int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}), dtype=torch.long)
@@ -99,10 +125,8 @@ def measure(model: Any, tokenizer: Any, sae: SAE, columns: Columns, items: Seque
     out = dict(latent_mean=torch.zeros(n, d_sae), feature_mean=torch.zeros(n, f), feature_peak=torch.zeros(n, f),
                n_tokens=torch.zeros(n), sse=torch.zeros(n, dtype=torch.float64),
                sum_x=torch.zeros(n, d_in, dtype=torch.float64), sum_sq=torch.zeros(n, dtype=torch.float64),
-               lens_mean=torch.zeros(n, d_in))
-    order = sorted(range(n), key=lambda i: len(items[i].ids))
-    for start in range(0, n, batch_size):
-        rows = order[start:start + batch_size]
+               lens_mean=torch.zeros(n, d_in), latent_peak=torch.zeros(n, d_sae))
+    for rows in length_buckets([min(len(it.ids), ctx) for it in items], batch_size, max_batch_tokens):
         ids, attn, scored = _pad_batch([items[i] for i in rows], pad, ctx)
         captured: list[torch.Tensor] = []
         forward_through(model, {point: lambda r: captured.append(r.detach())}, input_ids=ids, attention_mask=attn)
@@ -119,6 +143,7 @@ def measure(model: Any, tokenizer: Any, sae: SAE, columns: Columns, items: Seque
         lens = (mask & (rank <= lens_tokens))[..., None].float()
         idx = torch.tensor(rows)
         out["latent_mean"][idx] = (acts * m).sum(1) / count
+        out["latent_peak"][idx] = (acts * m).amax(1)     # acts >= 0: masked positions count as 0
         out["feature_mean"][idx] = (feats * m).sum(1) / count
         out["feature_peak"][idx] = feats.masked_fill(~mask[..., None], float("-inf")).amax(1).clamp_min(0.0) \
             if feats.shape[-1] else torch.zeros(len(rows), 0)
@@ -147,11 +172,12 @@ def next_token_kl(base: Any, candidate: Any, tokenizer: Any, items: Sequence[Ite
         ids, attn, _ = _pad_batch(chunk, pad, n_tokens)
         lp = torch.log_softmax(base(input_ids=ids, attention_mask=attn, use_cache=False).logits.float(), -1)
         lq = torch.log_softmax(candidate(input_ids=ids, attention_mask=attn, use_cache=False).logits.float(), -1)
-        kl = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0) * attn          # [B, T]
-        per_item[start:start + len(chunk)] = kl.sum(1) / attn.sum(1).clamp_min(1)
+        real = torch.ones_like(ids) if attn is None else attn
+        kl = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0) * real          # [B, T]
+        per_item[start:start + len(chunk)] = kl.sum(1) / real.sum(1).clamp_min(1)
         width = kl.shape[1]
         pos_sum[:width] += kl.sum(0).double()
-        pos_count[:width] += attn.sum(0).double()
+        pos_count[:width] += real.sum(0).double()
         if progress is not None:
             progress(len(chunk))
     return per_item, (pos_sum / pos_count).float()

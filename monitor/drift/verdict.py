@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from monitor.drift.behaviour import AnswerFeatures
 from monitor.drift.result import FVU, KL, FeatureDrift, Lens, LensEntry, LatentShift, RuleDrift, Verdict
 from monitor.drift.stats import (benjamini_hochberg, bootstrap_ci, random_null, sign_flip_pvalues,
                                  t_stat)
@@ -89,9 +90,10 @@ def null_threshold(base: Measurement, cand: Measurement, t: torch.Tensor, exclud
     return value
 
 
-def features(columns: Columns, base: Measurement, cand: Measurement, base_own: Measurement,
-             cand_own: Measurement, null_t: float, s: Settings) -> tuple[FeatureDrift, ...]:
-    """Catalog features: teacher-forced change with tests; behavioural mean/peak beside it."""
+def features(columns: Columns, base: Measurement, cand: Measurement, base_own: AnswerFeatures,
+             cand_own: AnswerFeatures, null_t: float, s: Settings) -> tuple[FeatureDrift, ...]:
+    """Catalog features: teacher-forced change with tests; behavioural mean/peak (over each
+    model's own answers) beside it."""
     if not columns.names:
         return ()
     d = (cand.feature_mean - base.feature_mean).double()

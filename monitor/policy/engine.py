@@ -149,7 +149,7 @@ class CompiledPolicy:
         fired, block, any_fired = self._fired(prog, ev, feats, require_finite)
         if not any_fired:
             return StepResult(fired, [], block, {}, self._in_force(state, []))
-        hits, blocks, now = self._decisions(prog, ev, [(state, row, pos0) for row in range(batch)],
+        hits, blocks, now = _decisions(self.rules, prog, ev, [(state, row, pos0) for row in range(batch)],
                                             scope, tokens)
         return StepResult(fired, [h for _, h in hits], block, blocks, self._in_force(state, [d for _, d in now]))
 
@@ -192,7 +192,7 @@ class CompiledPolicy:
             return [StepResult(fired[i:i + 1], [], block[i:i + 1], {}, self._in_force(s, []))
                     for i, s in enumerate(states)]
         targets = [(s, 0, p) for s, p in zip(states, pos0)]
-        hits, blocks, now = self._decisions(prog, ev, targets, scope, tokens)
+        hits, blocks, now = _decisions(self.rules, prog, ev, targets, scope, tokens)
         return [StepResult(fired[i:i + 1], [h for b, h in hits if b == i], block[i:i + 1],
                            {0: blocks[i]} if i in blocks else {},
                            self._in_force(s, [d for b, d in now if b == i]))
@@ -247,42 +247,6 @@ class CompiledPolicy:
             raise EngineError(f"state lives on {state.device} but feats/mask are on "
                               f"{feats.device}/{mask.device}; pass device= to new_state()")
 
-    def _decisions(self, prog: Program, ev: Evaluation, targets: Sequence[tuple[EngineState, int, int]],
-                   scope: StepScope, tokens: int
-                   ) -> tuple[list[tuple[int, Hit]], dict[int, tuple[str, str]], list[tuple[int, SteerDirective]]]:
-        """Hits, block messages and this step's while_active steers (host side, after a fire),
-        each keyed by its row of ``ev``. ``targets[b]`` says whose row ``b`` is: (the state it
-        updates, the row within that state, the state's token count before this step)."""
-        idx = ev.rule_fired.nonzero()  # [H, 3] (row, token, scope-rule), sorted
-        b, t, r = idx[:, 0], idx[:, 1], idx[:, 2]
-        driver, value = drivers(prog, ev, b, t, r)
-        packed = torch.stack([b.double(), t.double(), prog.rule_cols[r].double(),
-                              driver.double(), value.double()], 1).cpu().tolist()
-        hits: list[tuple[int, Hit]] = []
-        blocks: dict[int, tuple[str, str]] = {}
-        now: list[tuple[int, SteerDirective]] = []
-        for row_f, tok_f, rule_f, leaf_f, val in packed:
-            slot, tok, rule = int(row_f), int(tok_f), self.rules[int(rule_f)]
-            state, row, pos0 = targets[slot]
-            token_index = pos0 + tok
-            hits.append((slot, Hit(rule.id, row, token_index, scope, rule.mode, rule.severity,
-                                rule.actions, prog.leaf_labels[int(leaf_f)], float(val))))
-            if not rule.enforced:
-                continue
-            if rule.block_message is not None and slot not in blocks:  # hits are row/token sorted
-                blocks[slot] = (rule.id, rule.block_message)
-            for k, spec in enumerate(rule.steers):
-                d = SteerDirective(row, rule.id, spec.target.index if spec.target.kind == "latent"
-                                   else None, spec.target.name if spec.target.kind == "probe"
-                                   else None, spec.op, spec.value, spec.duration, token_index,
-                                   scope)
-                if spec.duration == "rest_of_response":
-                    state.persisted[row].setdefault((rule.index, k), d)
-                    state.steering = True
-                elif tok == tokens - 1:
-                    now.append((slot, d))
-        return hits, blocks, now
-
     @staticmethod
     def _in_force(state: EngineState, now: list[SteerDirective]) -> list[SteerDirective]:
         if not now and not state.steering:
@@ -294,6 +258,43 @@ class CompiledPolicy:
             out += [d for d in now if d.row == row]
         return out
 
+
+
+def _decisions(rules: tuple[CompiledRule, ...], prog: Program, ev: Evaluation, targets: Sequence[tuple[EngineState, int, int]],
+               scope: StepScope, tokens: int
+               ) -> tuple[list[tuple[int, Hit]], dict[int, tuple[str, str]], list[tuple[int, SteerDirective]]]:
+    """Hits, block messages and this step's while_active steers (host side, after a fire),
+    each keyed by its row of ``ev``. ``targets[b]`` says whose row ``b`` is: (the state it
+    updates, the row within that state, the state's token count before this step)."""
+    idx = ev.rule_fired.nonzero()  # [H, 3] (row, token, scope-rule), sorted
+    b, t, r = idx[:, 0], idx[:, 1], idx[:, 2]
+    driver, value = drivers(prog, ev, b, t, r)
+    packed = torch.stack([b.double(), t.double(), prog.rule_cols[r].double(),
+                          driver.double(), value.double()], 1).cpu().tolist()
+    hits: list[tuple[int, Hit]] = []
+    blocks: dict[int, tuple[str, str]] = {}
+    now: list[tuple[int, SteerDirective]] = []
+    for row_f, tok_f, rule_f, leaf_f, val in packed:
+        slot, tok, rule = int(row_f), int(tok_f), rules[int(rule_f)]
+        state, row, pos0 = targets[slot]
+        token_index = pos0 + tok
+        hits.append((slot, Hit(rule.id, row, token_index, scope, rule.mode, rule.severity,
+                            rule.actions, prog.leaf_labels[int(leaf_f)], float(val))))
+        if not rule.enforced:
+            continue
+        if rule.block_message is not None and slot not in blocks:  # hits are row/token sorted
+            blocks[slot] = (rule.id, rule.block_message)
+        for k, spec in enumerate(rule.steers):
+            d = SteerDirective(row, rule.id, spec.target.index if spec.target.kind == "latent"
+                               else None, spec.target.name if spec.target.kind == "probe"
+                               else None, spec.op, spec.value, spec.duration, token_index,
+                               scope)
+            if spec.duration == "rest_of_response":
+                state.persisted[row].setdefault((rule.index, k), d)
+                state.steering = True
+            elif tok == tokens - 1:
+                now.append((slot, d))
+    return hits, blocks, now
 
 
 def _merge(parts: list[ScopeState]) -> ScopeState:

@@ -53,13 +53,17 @@ class PolicyStore:
 
     The constructor loads the files once and raises :class:`~monitor.errors.PolicyError` if
     they are invalid (there is no last good version to fall back on at startup); after that,
-    :meth:`reload` never raises for bad files.
+    :meth:`reload` never raises for bad files. ``accept(policy)``, when given, is the engine's
+    own check of a compiled policy (e.g. the vLLM engine reads one layer only): a
+    :class:`~monitor.errors.MonitorError` from it rejects the files like any other error.
     """
 
-    def __init__(self, paths: PathsArg, catalog: Catalog | None, d_sae: int) -> None:
+    def __init__(self, paths: PathsArg, catalog: Catalog | None, d_sae: int, *,
+                 accept: Callable[[CompiledPolicy], None] | None = None) -> None:
         self._paths = paths
         self._catalog = catalog
         self._d_sae = d_sae
+        self._accept = accept
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[ReloadResult], None]] = []
         self._log = structlog.get_logger("monitor.policy")
@@ -80,7 +84,10 @@ class PolicyStore:
 
     def _build(self) -> CompiledPolicy:
         policies = load_policies(self._paths, self._catalog, d_sae=self._d_sae)
-        return compile_policies(policies, self._catalog, d_sae=self._d_sae)
+        compiled = compile_policies(policies, self._catalog, d_sae=self._d_sae)
+        if self._accept is not None:
+            self._accept(compiled)  # raises MonitorError for a policy the engine cannot run
+        return compiled
 
     def on_reload(self, callback: Callable[[ReloadResult], None]) -> None:
         """Call ``callback(result)`` after every reload attempt, good or bad."""

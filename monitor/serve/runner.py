@@ -116,7 +116,7 @@ def serve_model(model: str = "default", *, sae: str = "default",
     stdout; ``watch_interval``: also reload when policy files change (seconds);
     ``app_options``: :func:`create_app` keywords (``admin_token``, the :class:`ServeLimits`
     fields); ``engine``: ``transformers``, ``vllm`` (vLLM's async engine with continuous
-    batching, :func:`monitor.runtime.vllm.serve.serve_vllm`; needs ``sae-monitor[vllm]``) or
+    batching, :func:`monitor.runtime.vllm.serve.serving_engine`; needs ``sae-monitor[vllm]``) or
     ``auto`` (vLLM where installed)."""
     from monitor.audit import AuditTrail
     from monitor.logs import configure_json_logging
@@ -124,11 +124,9 @@ def serve_model(model: str = "default", *, sae: str = "default",
     from monitor.runtime.wrap import from_default, wrap
 
     if resolve_engine(engine) == "vllm":
-        from monitor.runtime.vllm.serve import serve_vllm
-
-        serve_vllm(model, sae=sae, policies=policies, catalog=catalog, host=host, port=port,
-                   model_name=model_name, audit_log=audit_log, json_logs=json_logs, log_text=log_text,
-                   log_level=log_level, on_error=on_error, **app_options)
+        _serve_vllm(model, sae=sae, policies=policies, catalog=catalog, host=host, port=port,
+                    model_name=model_name, audit_log=audit_log, json_logs=json_logs, log_text=log_text,
+                    log_level=log_level, on_error=on_error, **app_options)
         return
 
     if json_logs:
@@ -169,5 +167,31 @@ def serve_model(model: str = "default", *, sae: str = "default",
         if store is not None:
             store.stop()
         monitor.close()
+        if trail is not None:
+            trail.close()
+
+
+def _serve_vllm(model: str, *, sae: str, policies: str | list[str] | None, catalog: str | None, host: str,
+                port: int, model_name: str | None, audit_log: str | None, json_logs: bool, log_text: bool,
+                log_level: str, on_error: str, max_model_len: int = 2048,
+                engine_args: dict[str, Any] | None = None, **app_options: Any) -> None:
+    """``serve_model(engine="vllm")``: the same app, served by vLLM's async engine
+    (continuous batching; ``max_concurrent`` defaults to 64 here)."""
+    from monitor.audit import AuditTrail
+    from monitor.logs import ReportLogger, configure_json_logging
+    from monitor.runtime.vllm.serve import serving_engine
+
+    if json_logs:
+        configure_json_logging(level=log_level, log_text=log_text)
+    engine = serving_engine(model, sae=sae, policies=policies, catalog=catalog, on_error=on_error,
+                            max_model_len=max_model_len, engine_args=engine_args)
+    trail = AuditTrail(audit_log) if audit_log else None
+    name = model_name or ("sae-monitor-default" if model == "default" else Path(model).name)
+    app_options.setdefault("max_concurrent", 64)
+    try:
+        run(host, port, monitor=engine, model_name=name, log_level=log_level,  # type: ignore[arg-type]
+            report_logger=ReportLogger(log_text=log_text), audit_trail=trail, **app_options)
+    finally:
+        engine.close()
         if trail is not None:
             trail.close()

@@ -91,3 +91,29 @@ def slow_tiny_parts() -> Parts:
 
     parts.model.forward = slow
     return parts
+
+
+def per_turn_scans(mon, conv, max_tokens: int = 1 << 30) -> tuple[dict[str, tuple[int, str, int]], bool]:
+    """What scanning every turn of ``conv`` as its own request with ``Monitor.scan`` finds:
+    per rule the earliest firing as the backtest reports it, ``(turn, scope, token)``, and
+    whether any turn's request was blocked. The reference the backtest is checked against."""
+    from monitor.backtest.replay import Replay, plan
+
+    replay = plan(mon.tokenizer, conv, max_tokens)
+    assert isinstance(replay, Replay)
+    msgs = [dict(m) for m in conv.messages]
+    requests = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
+    if msgs[-1]["role"] != "assistant":
+        requests.append(len(msgs) - 1)
+    first: dict[str, tuple[tuple[int, bool, int], str, int]] = {}
+    blocked = False
+    for k in requests:
+        report = mon.scan(msgs[:k + 1])
+        assert report.error is None, report.error
+        blocked |= bool(report.blocks)
+        for hit in report.hits:  # within a turn, every prompt token precedes every response token
+            turn = min(replay.turn_at(hit.token_index), k) if hit.scope == "prompt" else k
+            key = (turn, hit.scope == "response", hit.token_index)
+            if hit.rule_id not in first or key < first[hit.rule_id][0]:
+                first[hit.rule_id] = (key, hit.scope, hit.token_index)
+    return {rule: (key[0], scope, token) for rule, (key, scope, token) in first.items()}, blocked

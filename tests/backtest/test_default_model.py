@@ -1,5 +1,6 @@
-"""The last-turn property on real conversations with the default model and shipped policies:
-``Monitor.scan`` of a conversation never flags one the backtest does not."""
+"""The backtest against ``Monitor.scan`` on real conversations with the default model and the
+shipped policies: the last-turn ``scan`` never flags a conversation the backtest does not, and
+every turn is evaluated as ``scan`` evaluates that turn's request."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import json
 
 import pytest
 
-from monitor.backtest.read import parse_row, FieldMap
+from monitor.backtest.read import Conversation, FieldMap, parse_row
+from monitor.backtest.replay import ONE_FORWARD, PER_TURN
 from monitor.backtest.run import default_parts
 from monitor.backtest.scan import Scanner
 from monitor.policy import compile_policies, load_policies
 from monitor.runtime.hf import Monitor
 from monitor.shipped import shipped_policies_dir
-from tests.backtest.helpers import DATA
+from tests.backtest.helpers import DATA, per_turn_scans
 
 PICK = ["syc-0", "syc-1", "syc-2", "syc-3", "syc-4", "code-0", "code-1", "multi-0", "multi-2", "multi-4",
         "multi-5", "multi-6", "multi-7", "pr-0"]
@@ -51,3 +53,30 @@ def test_scan_never_flags_what_the_backtest_does_not(setup):
         flagged_more += len(backtest_rules - scan_rules) > 0
     assert flagged_scan >= 8, "the shipped policies fire on these conversations"
     assert flagged_more >= 1, "multi-turn conversations fire in earlier turns that scan does not see"
+
+
+def test_every_turn_equals_its_own_scan_request_on_the_default_model(setup):
+    """Multi-turn conversations, most in one forward (SmolLM2's ChatML template is prefix-stable),
+    and one whose first reply starts with a blank line: the tokenizer merges it with the
+    template's newline, so no turn is a token prefix and it is scanned one row per turn (as are
+    the code conversations whose reply starts with indentation)."""
+    parts, policy, convs = setup
+    multi = [c for c in convs if len(c.messages) > 2]
+    first = multi[0]
+    msgs = [dict(m) for m in first.messages]
+    msgs[1]["content"] = "\n\n" + msgs[1]["content"]
+    multi.append(Conversation("blank:1", "blank-line", tuple(msgs), "blank", 1))
+    results = Scanner(parts.model, parts.tokenizer, parts.sae, [policy], parts.catalog, batch_size=8).scan(multi)
+    assert results[-1].replay == PER_TURN and sum(r.replay == ONE_FORWARD for r in results) >= 4
+    mon = Monitor(parts.model, parts.tokenizer, sae=parts.sae, policies=policy, catalog=parts.catalog,
+                  self_test=False, on_error="open")
+    try:
+        earlier = 0
+        for conv, res in zip(multi, results):
+            expected, blocked = per_turn_scans(mon, conv)
+            assert {f.rule: (f.turn, f.scope, f.token) for f in res.versions[0].firings} == expected, conv.id
+            assert (res.versions[0].decision == "block") == blocked, conv.id
+            earlier += any(turn < len(conv.messages) - 1 for turn, _, _ in expected.values())
+    finally:
+        mon.close()
+    assert len(multi) >= 8 and earlier >= 1, "rules fire in earlier turns of these conversations"

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from monitor.backtest.ray_runner import connect, run_on_ray
+from monitor.backtest.ray_runner import ReadShard, connect, read_tasks, run_on_ray
+from monitor.backtest.read import FieldMap, record_from_json
 from monitor.backtest.run import BacktestConfig, finish, prepare, run_backtest
 from tests.backtest.helpers import (DATA, PID_DIR, quantile_threshold, rule_yaml, short_conversations, slow_tiny_parts,
                                     tiny_parts, write_jsonl, write_policy)
@@ -86,8 +87,15 @@ def test_ray_output_equals_local_and_survives_a_killed_worker(cluster, job):
     assert sum(commits) == 61
     keys = [r["key"] for r in remote.rows]
     assert len(keys) == len(set(keys)) == 61
-    assert remote.rows == local.rows
+    assert rounded(remote.rows) == rounded(local.rows)
     assert remote.summary == local.summary
+
+
+def rounded(rows):
+    """Rows with activations to 5 decimals: Ray groups records into forward batches differently
+    than the local run, and a batch's float sums differ in the last bits (~1e-7 relative)."""
+    return [{k: ([{**f, "activation": round(f["activation"], 5)} for f in v] if k.endswith("_firings") else v)
+             for k, v in r.items()} for r in rows]
 
 
 def test_ray_resumes_a_run_started_locally(cluster, job):
@@ -105,7 +113,7 @@ def test_ray_resumes_a_run_started_locally(cluster, job):
     counted = []
     remote = run_ray(cfg, tiny_parts, workers=1, on_commit=lambda n, t: counted.append(n))
     assert sum(counted) == 61 - 6
-    assert remote.rows == run_backtest(config(tmp, files, cand, old, "ref"), tiny_parts()).rows
+    assert rounded(remote.rows) == rounded(run_backtest(config(tmp, files, cand, old, "ref"), tiny_parts()).rows)
 
 
 def test_ray_with_the_default_model_matches_local(cluster, tmp_path, default_model):
@@ -126,3 +134,15 @@ def test_ray_with_the_default_model_matches_local(cluster, tmp_path, default_mod
     assert [[f["rule"] for f in r["candidate_firings"]] for r in remote.rows] == \
            [[f["rule"] for f in r["candidate_firings"]] for r in local.rows]
     assert any(r["candidate_firings"] for r in local.rows)
+
+
+def test_ray_read_shards_cover_every_record_once(tmp_path):
+    """One file split for two Ray workers: four shards, together every record (problems
+    included) exactly once, so a single big file still feeds every actor."""
+    path = write_jsonl(tmp_path / "one.jsonl", short_conversations(9)[:5] + ["{bad"] + short_conversations(9)[5:])
+    tasks = read_tasks([path], workers=2)
+    assert len(tasks) == 4 and read_tasks([path] * 4, workers=2)[0]["shards"] == 1
+    read = ReadShard(FieldMap(), frozenset({f"{path}:2"}))
+    keys = [record_from_json(row["record"]).key for t in tasks for row in read(t)]
+    assert sorted(keys) == sorted(f"{path}:{n}" for n in range(1, 11) if n != 2)
+    assert min(len(read(t)) for t in tasks) >= 2

@@ -133,3 +133,23 @@ def test_against_a_git_revision(parts, tmp_path):
                        parts)
     assert json.loads((tmp_path / "o" / "run.json").read_text())["versions"][1]["source"].startswith("HEAD:")
     assert out.summary["versions"]["baseline"]["version_id"] != out.summary["versions"]["candidate"]["version_id"]
+
+
+def test_too_long_conversation_is_counted_and_reported_with_file_and_line(parts, tmp_path):
+    """Skipped, not windowed: a ``too_long`` row with its length, counted in the summary and
+    listed by file:line in the table; the records around it are scanned."""
+    from monitor.backtest.report import render_table
+
+    long = {"id": "long", "messages": [{"role": "user", "content": "x" * 300}, {"role": "assistant", "content": "y"}]}
+    data = write_jsonl(tmp_path / "logs.jsonl", short_conversations(3) + [long] + short_conversations(2))
+    pol = write_policy(tmp_path / "pol", rule_yaml("r.block", 3, 0.5))
+    out = run_backtest(BacktestConfig(data=[str(data)], policies=str(pol), out=str(tmp_path / "o")), parts)
+    s = out.summary
+    assert (s["records"], s["scanned"], s["skipped"]) == (6, 5, 1)
+    assert s["problems"]["counts"] == {"too_long": 1}
+    (rec,) = s["problems"]["records"]
+    assert rec["key"] == f"{data}:4" and rec["detail"].startswith("322 tokens") and "not windowed" in rec["detail"]
+    row = next(r for r in out.rows if r["key"] == rec["key"])
+    assert (row["status"], row["problem"], row["replay"]) == ("skipped", "too_long", None)
+    table = render_table(s)
+    assert "skipped records: too_long 1" in table and f"{data}:4: too_long: 322 tokens" in table

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from monitor.backtest.read import Conversation
 from monitor.backtest.scan import Scanner
 from monitor.policy import compile_policies, load_policies
 from monitor.runtime.hf import Monitor
-from tests.backtest.helpers import quantile_threshold, rule_yaml, short_conversations, tiny_parts, write_policy
+from monitor.backtest.replay import ONE_FORWARD, PER_TURN
+from tests.backtest.helpers import (per_turn_scans, quantile_threshold, rule_yaml, short_conversations, tiny_parts,
+                                    write_policy)
+from tests.backtest.test_replay import LAST_MARKED
 
 
 def convs(rows=None):
@@ -105,3 +109,95 @@ def test_firing_positions_are_per_turn(parts, tmp_path):
         (f,) = r.versions[0].firings
         assert (f.turn, f.scope, f.token) == (1, "response", 0) and f.tokens_fired > 5
         assert r.versions[0].decision == "block"
+
+
+def firings(result):
+    return {f.rule: (f.turn, f.scope, f.token) for f in result.versions[0].firings}
+
+
+@pytest.mark.parametrize("template", ["chatml", "last_marked"])
+def test_every_turn_is_evaluated_as_its_own_scan_request(parts, firing_policies, template, tmp_path):
+    """Per rule, the earliest firing the backtest reports (turn, scope, token) is the earliest
+    over ``Monitor.scan(messages[:k + 1])`` of every turn, and it blocks exactly when one of
+    those requests is blocked: from one forward (ChatML) and from per-turn rows (a template
+    that renders the last message differently, so no turn is a prefix of the conversation)."""
+    if template == "last_marked":
+        parts = tiny_parts()
+        parts.tokenizer.chat_template = LAST_MARKED
+    cand = write_policy(tmp_path, "")
+    (cand / "p.yaml").write_text((firing_policies[0] / "p.yaml").read_text())
+    mean = quantile_threshold(parts, [c.messages for c in convs()], 6, 0.8)
+    with open(cand / "p.yaml", "a") as f:  # running-mean rules: causal too, so prefix-exact
+        for scope in ("prompt", "response"):
+            f.write(f"  - id: mean.{scope}\n    description: test\n    severity: low\n    mode: enforce\n"
+                    f"    scope: {scope}\n    actions: [alert]\n"
+                    f"    when: {{latent: 6, above: {mean}, aggregate: {{scope_mean: {{min_tokens: 3}}}}}}\n")
+    policy = compiled(cand)
+    cs = convs() + convs([{"id": "trailing", "messages": short_conversations(2)[1]["messages"] + [
+        {"role": "user", "content": "rm -rf / now"}]}])
+    results = Scanner(parts.model, parts.tokenizer, parts.sae, [policy], batch_size=8).scan(cs)
+    multi = {r.replay for r, c in zip(results, cs) if len(c.messages) > 2}
+    assert multi == {ONE_FORWARD if template == "chatml" else PER_TURN}
+    mon = Monitor(parts.model, parts.tokenizer, sae=parts.sae, policies=policy, self_test=False, on_error="open")
+    try:
+        fired = earlier = 0
+        means = set()
+        for conv, res in zip(cs, results):
+            expected, blocked = per_turn_scans(mon, conv)
+            means |= {rule for rule in expected if rule.startswith("mean.")}
+            assert firings(res) == expected, conv.id
+            assert (res.versions[0].decision == "block") == blocked, conv.id
+            fired += bool(expected)
+            earlier += any(turn < len(conv.messages) - 1 for turn, _, _ in expected.values())
+    finally:
+        mon.close()
+    assert fired >= 5 and earlier >= 2, "the rules were built to fire, in earlier turns too"
+    assert means >= {"mean.prompt", "mean.response"}, "the scope-mean rules fire somewhere"
+
+
+def test_one_forward_equals_one_row_per_turn(parts, firing_policies):
+    """The one-forward plan gives the per-turn plan's results (positions, counts, decisions)."""
+    both = [compiled(p) for p in firing_policies]
+    one = Scanner(parts.model, parts.tokenizer, parts.sae, both, batch_size=8).scan(convs())
+    ref = Scanner(parts.model, parts.tokenizer, parts.sae, both, batch_size=8, one_forward=False).scan(convs())
+    assert [r.replay for r in one] == [ONE_FORWARD] * len(one) and {r.replay for r in ref} == {PER_TURN}
+    assert [r.versions for r in one] == [r.versions for r in ref]
+    assert sum(len(r.versions[0].firings) for r in one) >= 10
+
+
+def test_real_tokenizer_boundary_merges_fall_back_to_per_turn_and_equal_scan(tmp_path):
+    """SmolLM2's real tokenizer on the real multi-turn conversations (a tiny random model with
+    its vocabulary): code replies starting with indentation merge with the template's newline,
+    so those conversations are planned one row per turn; every conversation still equals the
+    per-turn ``scan``s, rule by rule."""
+    import transformers as tf
+
+    from monitor.backtest.read import read_records
+    from monitor.backtest.run import Parts
+    from monitor.models import load_default_model
+    from monitor.testing import TINY, tied_sae
+    from tests.backtest.helpers import DATA
+
+    tok = load_default_model()[1]
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(**{**TINY, "vocab_size": len(tok), "max_position_embeddings": 2048}, num_key_value_heads=2)
+    parts = Parts(tf.AutoModelForCausalLM.from_config(cfg).eval(), tok, tied_sae(2), None)
+    cs = [r for r in read_records([DATA]) if isinstance(r, Conversation) and len(r.messages) > 2]
+    msgs = [c.messages for c in cs]
+    policy = compiled(write_policy(tmp_path, rule_yaml("r.block", 3, quantile_threshold(parts, msgs, 3, 0.995)),
+                                   rule_yaml("p.alert", 5, quantile_threshold(parts, msgs, 5, 0.99), scope="prompt",
+                                             actions="[log, alert]")))
+    results = Scanner(parts.model, tok, parts.sae, [policy], batch_size=8).scan(cs)
+    assert {r.replay for r in results} == {ONE_FORWARD, PER_TURN}
+    mon = Monitor(parts.model, tok, sae=parts.sae, policies=policy, self_test=False, on_error="open")
+    try:
+        earlier = 0
+        for conv, res in zip(cs, results):
+            expected, blocked = per_turn_scans(mon, conv)
+            assert firings(res) == expected, conv.id
+            assert (res.versions[0].decision == "block") == blocked, conv.id
+            earlier += any(scope == "response" and turn < len(conv.messages) - 1
+                           for turn, scope, _ in expected.values())
+    finally:
+        mon.close()
+    assert earlier >= 1, "the block rule fires in an earlier turn of some conversation"

@@ -123,3 +123,16 @@ def test_safetensors_header_check_accepts_a_complete_file(tmp_path):
 
     save_file({"w": torch.zeros(3, 4)}, str(tmp_path / "x.safetensors"))
     assert ld.safetensors_shapes(tmp_path / "x.safetensors") == {"w": (3, 4)}
+
+
+def test_catalog_probe_at_another_layer(world, tmp_path, no_model_work):
+    import yaml
+    from safetensors.torch import save_file
+
+    from tests.drift.conftest import LATENT, LAYER, OTHER
+
+    save_file({"p.weight": torch.ones(64), "p.bias": torch.tensor(0.0)}, str(tmp_path / "cat.probes.safetensors"))
+    (tmp_path / "cat.yaml").write_text(yaml.safe_dump({"sae": "tiny", "layer": LAYER, "features": [
+        {"name": "test.pushed", "latent": LATENT}, {"name": "test.other", "latent": OTHER},
+        {"name": "test.early", "probe": "p", "layer": LAYER - 1}]}))
+    refused(world, world["same"], "test.early", "another layer", catalog=tmp_path / "cat.yaml")

@@ -23,6 +23,9 @@ CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", s
 INCREASED_RED = (0xD3, 0x2F, 0x2F)   # the candidate bar of a rule whose rate increased
 
 
+PAIRS = Path(__file__).resolve().parents[2] / "datasets" / "unsafe_code_pairs.jsonl"
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
@@ -48,7 +51,8 @@ def command(world, candidates, *extra: str) -> tuple[int, str, str]:
 def runs(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
     same = command(world, [world["same"]], "--html", str(out / "same.html"))
-    series = command(world, [world["same"], world["pushed"]], "--json", "--html", str(out / "series.html"))
+    series = command(world, [world["same"], world["pushed"]], "--json", "--html", str(out / "series.html"),
+                     "--direction", str(PAIRS))
     return {"same": same, "series": series, "dir": out}
 
 
@@ -57,6 +61,17 @@ def test_unchanged_candidate_exits_zero_with_a_table(runs):
     assert code == 0
     assert "pushed.fires" in out and "unchanged" in out and "▲" not in out
     assert "exit code: 0" in out
+    assert "concept directions" not in out          # none unless asked for
+
+
+def test_directions_can_be_chosen_or_switched_off(world, tmp_path):
+    from tests.drift.test_direction import write_pairs
+
+    pairs = write_pairs(tmp_path / "mine.jsonl")
+    code, out, _ = command(world, [world["same"]], "--json", "--direction", str(pairs), "--passes", "greedy")
+    assert code == 0 and [d["name"] for d in json.loads(out)["candidates"][0]["directions"]] == ["mine"]
+    code, out, _ = command(world, [world["same"]], "--json", "--passes", "greedy")
+    assert json.loads(out)["candidates"][0]["directions"] == []
 
 
 def test_increased_enforce_rule_exits_one_and_json_has_the_fields(runs):
@@ -67,7 +82,7 @@ def test_increased_enforce_rule_exits_one_and_json_has_the_fields(runs):
     rule = next(r for r in pushed["rules"] if r["id"] == "pushed.fires")
     assert rule["verdict"] == "increased" and rule["ci_low"] > 0
     assert pushed["enforce_increased"] == ["pushed.fires"]
-    assert {"features", "latents_up", "latents_down", "fvu", "kl"} <= set(pushed)
+    assert {"features", "latents_up", "latents_down", "fvu", "kl", "directions"} <= set(pushed)
 
 
 def test_bad_passes_option_is_one_plain_error(world):
@@ -148,6 +163,7 @@ def test_html_report_renders_in_headless_chromium(runs, tmp_path):
         shots[name] = count_colour(shot, INCREASED_RED)
     # the increased rule's bar is drawn in red; a run where nothing increased has no red at all
     assert shots["series"] > 200 and shots["same"] == 0
+    assert "Concept directions" in dom
 
 
 def test_table_and_html_from_the_api(world, tmp_path):

@@ -71,13 +71,12 @@ class VLLMMonitor:
         self.failures = 0
         self.requests = 0
         self.dead: str | None = None
-        self._to_collect: dict[str, asyncio.Future[Report | None]] = {}
-        self._collector: asyncio.Future[None] | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sae-monitor-vllm", daemon=True)
         self._thread.start()
         try:
             self.engine = self._call(self._start(parts.engine_args))
+            self._collector = ReportCollector(self.engine)
             versions = self._call(self._install())
         except BaseException:
             self.close()
@@ -245,7 +244,7 @@ class VLLMMonitor:
                 tokens = list(out.outputs[0].token_ids)
                 finished = out.finished
                 if not finished:
-                    chunk, released = self._release(tokens[:min(len(tokens) - 1, max_tokens)], released)
+                    chunk, released = _release(self.tokenizer, tokens[:min(len(tokens) - 1, max_tokens)], released)
                     if chunk:
                         yield chunk
             report = await self._collect(request_id)
@@ -260,33 +259,84 @@ class VLLMMonitor:
                 self.dead = f"the vLLM engine process died ({_reason(exc)}); restart the service"
             message = self.dead or f"the vLLM engine failed: {_reason(exc)}"
             raise EngineFailed(message, _failed_report(message, self.store.version_id)) from None
-        completion = self._complete(ids, tokens, max_tokens, report, started, finished)
-        tail, _ = self._release(list(completion.token_ids[:completion.kept]), released, final=True)
+        completion = _complete(self.tokenizer, self.config.block_behavior, self.store.version_id, ids, tokens,
+                               max_tokens, report, started)
+        tail, _ = _release(self.tokenizer, list(completion.token_ids[:completion.kept]), released, final=True)
         if tail:
             yield tail
         yield completion
 
-    def _release(self, tokens: list[int], released: str, final: bool = False) -> tuple[str, str]:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if not final and "\ufffd" in text[len(released):]:  # maybe an unfinished character
-            return "", released
-        if not text.startswith(released):
-            return "", released
-        return text[len(released):], text
-
     async def _collect(self, request_id: str) -> Report | None:
-        """The worker's report of ``request_id``, fetched with any others ending now."""
+        return await self._collector.collect(request_id)
+
+    async def _abort(self, request_id: str) -> None:
+        try:
+            await self.engine.abort(request_id)
+            await self._collect(request_id)
+        except Exception:  # noqa: BLE001 - best effort cleanup on cancellation
+            pass
+
+
+def _release(tokenizer: Any, tokens: list[int], released: str, final: bool = False) -> tuple[str, str]:
+    """(new text to send, all text sent) for ``tokens``: nothing while the newest character may
+    be unfinished (a multi-byte character split across tokens)."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if not final and "\ufffd" in text[len(released):]:  # maybe an unfinished character
+        return "", released
+    if not text.startswith(released):
+        return "", released
+    return text[len(released):], text
+
+
+def _complete(tokenizer: Any, block_behavior: str, version: str, prompt: list[int], tokens: list[int],
+              max_tokens: int, report: Report | None, started: float) -> Completion:
+    """The caller's :class:`Completion` from the generated tokens and the worker's report: a
+    blocked response cut before the firing token and ending with the rule's message."""
+    if report is None:
+        report = _failed_report("the workers returned no monitoring report for this request",
+                                version)
+    report.total_seconds = time.perf_counter() - started
+    if report.error and not report.failed_open:
+        raise MonitorUnavailable(f"monitoring failed and the monitor fails closed: {report.error}", report)
+    if 0 in report.blocks:
+        block = report.blocks[0]
+        keep = block.token_index if block.scope == "response" else 0
+        text = block_text(block.message, after_text=keep > 0)
+        message = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        kept = tokens[:keep]
+        out = Completion(tuple(kept + message), tokenizer.decode(kept, skip_special_tokens=True) + text,
+                         "blocked", report, len(kept), tuple(prompt))
+        if block_behavior == "raise":
+            raise Blocked(block.message, report)
+        return out
+    reason: Literal["stop", "length"] = "length" if len(tokens) > max_tokens else "stop"
+    kept = tokens[:max_tokens]
+    return Completion(tuple(kept), tokenizer.decode(kept, skip_special_tokens=True), reason, report,
+                      len(kept), tuple(prompt))
+
+
+class ReportCollector:
+    """Fetches the workers' reports of finished requests: requests that end together share one
+    ``collective_rpc`` (each call is a round trip through the engine loop between two forward
+    steps, so one per request would cost a wave of 32 requests 32 round trips)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._waiting: dict[str, asyncio.Future[Report | None]] = {}
+        self._running: asyncio.Future[None] | None = None
+
+    async def collect(self, request_id: str) -> Report | None:
+        """The report of ``request_id`` (None when no worker has one)."""
         future: asyncio.Future[Report | None] = asyncio.get_running_loop().create_future()
-        self._to_collect[request_id] = future
-        if self._collector is None or self._collector.done():
-            self._collector = asyncio.ensure_future(self._collect_pending())
+        self._waiting[request_id] = future
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(self._drain())
         return await future
 
-    async def _collect_pending(self) -> None:
-        """Fetch every queued report in one ``collective_rpc`` per round, until none is queued."""
-        while self._to_collect:
+    async def _drain(self) -> None:
+        while self._waiting:
             await asyncio.sleep(0)  # let requests ending in the same engine output join this round
-            batch, self._to_collect = self._to_collect, {}
+            batch, self._waiting = self._waiting, {}
             try:
                 per_rank = await self.engine.collective_rpc("sae_monitor_collect_many", args=(list(batch),))
             except Exception as exc:  # noqa: BLE001 - every waiting request sees the failure
@@ -298,37 +348,6 @@ class VLLMMonitor:
                 raw = next((rank[k] for rank in per_rank if rank[k] is not None), None)
                 if not future.done():
                     future.set_result(None if raw is None else pickle.loads(raw))
-
-    async def _abort(self, request_id: str) -> None:
-        try:
-            await self.engine.abort(request_id)
-            await self._collect(request_id)
-        except Exception:  # noqa: BLE001 - best effort cleanup on cancellation
-            pass
-
-    def _complete(self, prompt: list[int], tokens: list[int], max_tokens: int, report: Report | None,
-                  started: float, finished: bool) -> Completion:
-        if report is None:
-            report = _failed_report("the workers returned no monitoring report for this request",
-                                    self.store.version_id)
-        report.total_seconds = time.perf_counter() - started
-        if report.error and not report.failed_open:
-            raise MonitorUnavailable(f"monitoring failed and the monitor fails closed: {report.error}", report)
-        if 0 in report.blocks:
-            block = report.blocks[0]
-            keep = block.token_index if block.scope == "response" else 0
-            text = block_text(block.message, after_text=keep > 0)
-            message = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            kept = tokens[:keep]
-            out = Completion(tuple(kept + message), self.tokenizer.decode(kept, skip_special_tokens=True) + text,
-                             "blocked", report, len(kept), tuple(prompt))
-            if self.config.block_behavior == "raise":
-                raise Blocked(block.message, report)
-            return out
-        reason: Literal["stop", "length"] = "length" if len(tokens) > max_tokens else "stop"
-        kept = tokens[:max_tokens]
-        return Completion(tuple(kept), self.tokenizer.decode(kept, skip_special_tokens=True), reason, report,
-                          len(kept), tuple(prompt))
 
 
 def _failed_report(error: str, version: str) -> Report:

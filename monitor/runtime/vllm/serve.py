@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from monitor.policy import CompiledPolicy, PolicyStore, ReloadResult
-from monitor.runtime.vllm.engine import Completion, VLLMMonitor
+from monitor.runtime.vllm.engine import Completion, VLLMMonitor, from_default
 from monitor.runtime.vllm.setup import MonitorConfig
 from monitor.errors import MonitorUnavailable
 from monitor.report import Report
@@ -141,36 +141,14 @@ def _sampling(gen: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def serve_vllm(model: str = "default", *, sae: str = "default", policies: str | list[str] | None = None,
-               catalog: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-               model_name: str | None = None, audit_log: str | None = None, json_logs: bool = True,
-               log_text: bool = False, log_level: str = "info", on_error: str = "auto",
-               max_model_len: int = 2048, engine_args: dict[str, Any] | None = None,
-               **app_options: Any) -> None:
-    """``sae-monitor serve --engine vllm``: the same app as the transformers engine, served by
-    vLLM's async engine (continuous batching; ``max_concurrent`` defaults to 64 here)."""
-    from pathlib import Path
-
-    from monitor.audit import AuditTrail
-    from monitor.logs import ReportLogger, configure_json_logging
-    from monitor.runtime.vllm.engine import from_default
-    from monitor.serve import run
-
-    if json_logs:
-        configure_json_logging(level=log_level, log_text=log_text)
+def serving_engine(model: str = "default", *, sae: str = "default", policies: str | list[str] | None = None,
+                   catalog: str | None = None, on_error: str = "auto", max_model_len: int = 2048,
+                   engine_args: dict[str, Any] | None = None) -> ServingEngine:
+    """Start vLLM's async engine under the monitor and wrap it for the server's app
+    (``serve_model(engine="vllm")`` runs the app on it; close it when the server stops)."""
     options: dict[str, Any] = dict(sae=sae, catalog=catalog, on_error=on_error, max_model_len=max_model_len,
                                    engine_args=dict(engine_args or {}),
                                    policies=None if policies is None else tuple(
                                        [policies] if isinstance(policies, str) else policies))
     monitor = from_default(**options) if model == "default" else VLLMMonitor(MonitorConfig(model=model, **options))
-    engine = ServingEngine(monitor)
-    trail = AuditTrail(audit_log) if audit_log else None
-    name = model_name or ("sae-monitor-default" if model == "default" else Path(model).name)
-    app_options.setdefault("max_concurrent", 64)
-    try:
-        run(host, port, monitor=engine, model_name=name, log_level=log_level,  # type: ignore[arg-type]
-            report_logger=ReportLogger(log_text=log_text), audit_trail=trail, **app_options)
-    finally:
-        engine.close()
-        if trail is not None:
-            trail.close()
+    return ServingEngine(monitor)

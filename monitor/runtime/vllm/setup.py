@@ -8,9 +8,10 @@ import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
-from monitor.errors import ModelLoadError, MonitorError, SAEMismatchError
+from monitor.errors import ModelLoadError, MonitorError, PolicyError, SAEMismatchError
 from monitor.errors import MonitorUnavailable
 from monitor.runtime.vllm.spec import MonitorSpec
 
@@ -94,7 +95,7 @@ def load_parts(config: MonitorConfig) -> Parts:
     catalog_path = config.catalog or (str(shipped) if shipped is not None else None)
     catalog = load_catalog(catalog_path, d_sae=sae.cfg.d_sae) if catalog_path else None
     policies = tuple(str(Path(p).resolve()) for p in (config.policies or (str(shipped_policies_dir()),)))
-    store = PolicyStore(list(policies), catalog, sae.cfg.d_sae)
+    store = PolicyStore(list(policies), catalog, sae.cfg.d_sae, accept=sae_layer_only(sae, catalog))
     on_error = config.on_error
     if on_error == "auto":
         on_error = "closed" if any(r.mode == "enforce" for r in store.current.rules) else "open"
@@ -112,6 +113,20 @@ def load_parts(config: MonitorConfig) -> Parts:
     engine_args = {"model": config.model, "max_model_len": config.max_model_len, "dtype": config.dtype,
                    **config.engine_args, "enforce_eager": True, "enable_prefix_caching": False}
     return Parts(tokenizer, store, spec, engine_args)
+
+
+def sae_layer_only(sae: Any, catalog: Any) -> Callable[[Any], None]:
+    """The vLLM engine's policy check: every probe must read the SAE's layer (the worker hooks
+    that one layer); a policy with a probe at another layer is refused with the fix."""
+    from monitor.runtime.encoder import FeatureEncoder
+
+    def check(policy: Any) -> None:
+        layers = FeatureEncoder(sae, policy, catalog).extra_layers
+        if layers:
+            raise PolicyError(f"the policy reads probes at layer(s) {list(layers)}, but the vLLM engine reads only "
+                              f"the SAE's layer {sae.hook_point.layer}; serve it with --engine transformers, or "
+                              "use probes fitted at the SAE's layer")
+    return check
 
 
 def _model_config(model: str) -> dict[str, Any]:

@@ -100,3 +100,45 @@ def step_trackers(trackers: Sequence[RequestTracker], spans: Sequence[Span], fea
     for tracker in trackers:
         tracker.seconds += share
     return out
+
+
+def step_group(trackers: Sequence[RequestTracker], spans: Sequence[Span], feats: torch.Tensor,
+               mask: torch.Tensor) -> dict[int, list[SteerDirective]]:
+    """Step the requests of one policy version over their encoded rows (``feats[rows, F]``,
+    ``mask[rows]``, spans in row order, ``trackers[i]`` for ``spans[i]``): spans of equal scope
+    and length (every decode row of a step) in one engine evaluation (:func:`step_trackers`),
+    the others (prefill chunks) one by one. Returns the steering to apply, by batch row."""
+    offsets = [0]
+    for span in spans:
+        offsets.append(offsets[-1] + span.length)
+    shapes: dict[tuple[str, int], list[int]] = {}
+    for k, span in enumerate(spans):
+        shapes.setdefault((span.scope, span.length), []).append(k)
+    edits: dict[int, list[SteerDirective]] = {}
+    for (_scope, length), members in shapes.items():
+        if len(members) == 1:
+            k = members[0]
+            results = [trackers[k].step(spans[k], feats[offsets[k]:offsets[k + 1]], mask[offsets[k]:offsets[k + 1]])]
+        else:
+            rows = torch.tensor([offsets[k] for k in members], device=feats.device)
+            if length > 1:
+                rows = (rows[:, None] + torch.arange(length, device=feats.device)).reshape(-1)
+            results = step_trackers([trackers[k] for k in members], [spans[k] for k in members],
+                                    feats.index_select(0, rows).view(len(members), length, -1),
+                                    mask.index_select(0, rows).view(len(members), length))
+        for k, directives in zip(members, results):
+            if directives:
+                edits[spans[k].row_end - 1] = directives
+    return edits
+
+
+def monitored_rows(spans: Sequence[Span], resid: torch.Tensor, ids: torch.Tensor | None,
+                   special_ids: torch.Tensor, encoder: FeatureEncoder) -> torch.Tensor:
+    """True where a row of ``resid`` (the spans' rows, in order) is monitored: not position 0,
+    not a special token (``ids``: the rows' token ids, when known), readable by the SAE."""
+    positions = torch.tensor([p for s in spans for p in range(s.position, s.position + s.length)],
+                             device=resid.device)
+    mask = (positions != 0) & encoder.content_mask(resid)
+    if ids is not None and special_ids.numel():
+        mask &= ~torch.isin(ids, special_ids.to(ids.device))
+    return mask

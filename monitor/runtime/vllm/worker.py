@@ -39,10 +39,11 @@ from monitor.catalog import Catalog, load_catalog
 from monitor.errors import SAEMismatchError
 from monitor.policy import CompiledPolicy, PolicyStore
 from monitor.runtime.vllm.batch import Span, plan_step
+from monitor.runtime.vllm.setup import sae_layer_only
 from monitor.runtime.encoder import FeatureEncoder
 from monitor.runtime.vllm.spec import EXTRA_ARGS_KEY, MonitorSpec
 from monitor.report import Report
-from monitor.runtime.vllm.tracker import RequestTracker, step_trackers
+from monitor.runtime.vllm.tracker import RequestTracker, monitored_rows, step_group
 from monitor.sae import SAE, load_sae
 
 #: Summaries of finished requests kept for the front end; the oldest are dropped past this.
@@ -58,7 +59,8 @@ class WorkerMonitor:
         self.sae: SAE = load_sae(spec.sae)
         self.catalog: Catalog | None = (load_catalog(spec.catalog, d_sae=self.sae.cfg.d_sae)
                                         if spec.catalog else None)
-        self.store = PolicyStore(list(spec.policies), self.catalog, self.sae.cfg.d_sae)
+        self.store = PolicyStore(list(spec.policies), self.catalog, self.sae.cfg.d_sae,
+                                 accept=sae_layer_only(self.sae, self.catalog))
         self._encoders: dict[str, FeatureEncoder] = {}
         self.trackers: dict[str, RequestTracker] = {}
         self.finished: OrderedDict[str, Report] = OrderedDict()  # by the front end's tag
@@ -218,49 +220,13 @@ class WorkerMonitor:
                 resid = stream.index_select(0, rows)
                 encoder = self.encoder(policy)
                 feats = encoder.encode(resid)
-                mask = self._mask(group, resid, rows, encoder)
+                ids = None if self._ids is None else self._ids.index_select(0, rows)
+                mask = monitored_rows(group, resid, ids, self.special_ids, encoder)
             except Exception as exc:  # noqa: BLE001 - a fault fails each request per on_error
                 for span in group:
                     self.trackers[span.req_id].fail(exc)
                 continue
-            self._step_group(group, feats, mask, edits)
-
-    def _step_group(self, group: list[Span], feats: torch.Tensor, mask: torch.Tensor,
-                    edits: dict[int, list]) -> None:
-        """Step the requests of one policy version: spans of equal scope and length (every
-        decode row of the step) in one engine evaluation, the others (prefill chunks) alone."""
-        offsets = [0]
-        for span in group:
-            offsets.append(offsets[-1] + span.length)
-        shapes: dict[tuple[str, int], list[int]] = {}
-        for k, span in enumerate(group):
-            shapes.setdefault((span.scope, span.length), []).append(k)
-        for (_scope, length), members in shapes.items():
-            spans = [group[k] for k in members]
-            trackers = [self.trackers[s.req_id] for s in spans]
-            if len(members) == 1:
-                k = members[0]
-                results = [trackers[0].step(spans[0], feats[offsets[k]:offsets[k + 1]], mask[offsets[k]:offsets[k + 1]])]
-            else:
-                rows = torch.tensor([offsets[k] for k in members], device=feats.device)
-                if length > 1:
-                    rows = (rows[:, None] + torch.arange(length, device=feats.device)).reshape(-1)
-                results = step_trackers(trackers, spans, feats.index_select(0, rows).view(len(members), length, -1),
-                                        mask.index_select(0, rows).view(len(members), length))
-            for span, directives in zip(spans, results):
-                if directives:
-                    edits[span.row_end - 1] = directives
-
-    def _mask(self, group: list[Span], resid: torch.Tensor, rows: torch.Tensor,
-              encoder: FeatureEncoder) -> torch.Tensor:
-        """True where a row is monitored: not a special token, not position 0, readable by the SAE."""
-        positions = torch.tensor([p for s in group for p in range(s.position, s.position + s.length)],
-                                 device=resid.device)
-        mask = (positions != 0) & encoder.content_mask(resid)
-        if self._ids is not None and self.special_ids.numel():
-            ids = self._ids.index_select(0, rows)
-            mask &= ~torch.isin(ids, self.special_ids.to(ids.device))
-        return mask
+            edits.update(step_group([self.trackers[s.req_id] for s in group], group, feats, mask))
 
     def _apply(self, stream: torch.Tensor, hidden: torch.Tensor, edits: dict[int, list]) -> None:
         """Add each row's steering delta to ``hidden`` in place (the next layer adds ``residual``)."""
