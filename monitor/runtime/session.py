@@ -26,7 +26,7 @@ stops monitoring, the report says ``failed_open`` and the request continues unmo
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -81,7 +81,6 @@ class Session:
         self.block_position: dict[int, int] = {}  # row -> response tokens kept (-1: prompt block)
         self.disabled = False  # failed open: monitoring stopped, generation goes on
         self.refused = False  # failed closed: the request must be refused
-        self._tokens: dict[str, torch.Tensor] = {}
         self._steer_keys: set[tuple[int, str, int | None, str | None]] = set()
 
     # ------------------------------------------------------------------ feeding
@@ -130,8 +129,8 @@ class Session:
 
     def finish(self, total_seconds: float | None = None) -> Report:
         """Close the session: settle the token counters and return the report."""
-        for scope, count in self._tokens.items():
-            self.report.tokens_monitored[scope] = int(count)
+        for scope, count in self.report.counts.items():
+            self.report.tokens_monitored[scope] = int(count.sum())
         if total_seconds is not None:
             self.report.total_seconds = total_seconds
         return self.report
@@ -142,16 +141,7 @@ class Session:
         mask = mask & ~stopped[:, None]
         if self.state is None or self.state.device != feats.device:
             self.state = self.policy.new_state(self.rows, feats.device)
-        count = mask.sum()
-        previous = self._tokens.get(scope)
-        self._tokens[scope] = count if previous is None else previous + count
-        peak = feats.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
-        old_peak = self.report.peaks.get(scope)
-        self.report.peaks[scope] = peak if old_peak is None else torch.maximum(old_peak, peak)
-        total = feats.double().masked_fill(~mask[..., None], 0.0).sum(1)  # scope means (eval)
-        old_sum, old_n = self.report.sums.get(scope), self.report.counts.get(scope)
-        self.report.sums[scope] = total if old_sum is None else old_sum + total
-        self.report.counts[scope] = mask.sum(1) if old_n is None else old_n + mask.sum(1)
+        _accumulate([self], scope, feats, mask)
         result = self.policy.step(self.state, feats, mask, scope, require_finite=True)
         return self._record(result, scope)
 
@@ -208,8 +198,7 @@ def observe_many(sessions: Sequence[Session], feats: torch.Tensor, scope: Scope,
         for s in group:
             if s.state is None or s.state.device != feats.device:
                 s.state = policy.new_state(1, feats.device)
-        _accumulate(group, scope, mask.sum(1, keepdim=True),
-                    feats.masked_fill(~mask[..., None], float("-inf")).amax(dim=1))
+        _accumulate(group, scope, feats, mask)
         results = policy.step_many([s.state for s in group if s.state is not None], feats, mask, scope,
                                    require_finite=True)
     except Exception as exc:  # noqa: BLE001 - every monitoring fault is handled by on_error
@@ -221,17 +210,20 @@ def observe_many(sessions: Sequence[Session], feats: torch.Tensor, scope: Scope,
     return out
 
 
-def _accumulate(group: Sequence[Session], scope: Scope, counts: torch.Tensor, peaks: torch.Tensor) -> None:
-    """Add ``counts[N, 1]`` monitored tokens and ``peaks[N, F]`` to each session's report."""
-    old_counts = [s._tokens.get(scope) for s in group]
-    old_peaks = [s.report.peaks.get(scope) for s in group]
-    if all(c is not None for c in old_counts) and all(p is not None for p in old_peaks):
-        counts = counts + torch.stack([c for c in old_counts if c is not None]).reshape(counts.shape)
-        peaks = torch.maximum(peaks, torch.cat([p for p in old_peaks if p is not None]))
-        for s, count, peak in zip(group, counts.split(1), peaks.split(1)):
-            s._tokens[scope] = count.reshape(())
-            s.report.peaks[scope] = peak
-        return
-    for s, count, peak, old_count, old_peak in zip(group, counts.split(1), peaks.split(1), old_counts, old_peaks):
-        s._tokens[scope] = count.reshape(()) if old_count is None else old_count + count.reshape(())
-        s.report.peaks[scope] = peak if old_peak is None else torch.maximum(old_peak, peak)
+def _accumulate(sessions: Sequence[Session], scope: Scope, feats: torch.Tensor, mask: torch.Tensor) -> None:
+    """Add this step's monitored-token counts, feature peaks and feature sums (for scope means)
+    to each session's report; ``feats[N, T, F]`` / ``mask[N, T]`` hold the sessions' rows in order."""
+    new = {"counts": mask.sum(1), "peaks": feats.masked_fill(~mask[..., None], float("-inf")).amax(dim=1),
+           "sums": feats.double().masked_fill(~mask[..., None], 0.0).sum(1)}
+    combine: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "counts": torch.add, "peaks": torch.maximum, "sums": torch.add}
+    for name, value in new.items():
+        olds = [getattr(s.report, name).get(scope) for s in sessions]
+        if all(o is not None for o in olds):  # one op for all sessions, then split back
+            value = combine[name](torch.cat([o for o in olds if o is not None]), value)
+            olds = [None] * len(sessions)
+        start = 0
+        for s, old in zip(sessions, olds):
+            part = value[start:start + s.rows]
+            getattr(s.report, name)[scope] = part if old is None else combine[name](old, part)
+            start += s.rows

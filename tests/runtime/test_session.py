@@ -31,6 +31,7 @@ def report_view(session: Session) -> tuple:
     report = session.finish()
     return (report.hits, dict(report.blocks), report.steers, report.row_outcomes,
             {k: v.tolist() for k, v in report.peaks.items()}, dict(report.tokens_monitored),
+            {k: v.tolist() for k, v in report.sums.items()}, {k: v.tolist() for k, v in report.counts.items()},
             session.stopped.tolist())
 
 
