@@ -21,6 +21,9 @@ from tests.backtest.helpers import DATA
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
                  if p and os.path.exists(p)), None)
 STEER = "      - steer: {feature: sycophancy.agrees_with_user, clamp: 0.0, duration: while_active}\n"
+CAVING_ENFORCED = ("version: test\nrules:\n  - id: sycophancy.caving.steer\n    description: caving, steered\n"
+                   "    severity: medium\n    mode: enforce\n    scope: response\n"
+                   "    when: {feature: sycophancy.agrees_with_user, above: 2.0}\n    actions:\n      - log\n" + STEER)
 
 
 def git(repo: Path, *args: str) -> None:
@@ -35,10 +38,12 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     repo = tmp / "repo"
     shutil.copytree(shipped_policies_dir(), repo / "policies", ignore=shutil.ignore_patterns("devsets"))
+    syc = repo / "policies" / "sycophancy.yaml"
+    syc.write_text(CAVING_ENFORCED)  # the baseline steers (whatever mode the shipped rule has)
+    (repo / "policies" / "sycophancy.tests.yaml").unlink()
     git(repo, "init", "-q")
     git(repo, "add", ".")
     git(repo, "commit", "-qm", "shipped")
-    syc = repo / "policies" / "sycophancy.yaml"
     assert STEER in syc.read_text()
     syc.write_text(syc.read_text().replace(STEER, "      - block: {message: \"No.\"}\n"))
     lines = DATA.read_text().splitlines()
