@@ -93,10 +93,22 @@ def slow_tiny_parts() -> Parts:
     return parts
 
 
-def per_turn_scans(mon, conv, max_tokens: int = 1 << 30) -> tuple[dict[str, tuple[int, str, int]], bool]:
-    """What scanning every turn of ``conv`` as its own request with ``Monitor.scan`` finds:
-    per rule the earliest firing as the backtest reports it, ``(turn, scope, token)``, and
-    whether any turn's request was blocked. The reference the backtest is checked against."""
+def shadow_copy(policy_dir: Path, dest: Path) -> Path:
+    """The policies of ``policy_dir`` (tests files left out) with every rule in shadow mode: they
+    fire as before but never block. ``scan`` stops evaluating a request once it is blocked, the
+    backtest reports every firing, so the per-turn reference of firings scans in shadow mode."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in Path(policy_dir).glob("*.yaml"):
+        if not f.name.endswith(".tests.yaml"):
+            (dest / f.name).write_text(f.read_text().replace("mode: enforce", "mode: shadow"))
+    return dest
+
+
+def per_turn_scans(mon, conv, shadow, max_tokens: int = 1 << 30) -> tuple[dict[str, tuple[int, str, int]], bool]:
+    """What scanning every turn of ``conv`` as its own request with ``Monitor.scan`` finds: per
+    rule the earliest firing as the backtest reports it, ``(turn, scope, token)``, from the
+    ``shadow`` monitor (same policies in shadow mode, see :func:`shadow_copy`), and whether any
+    turn's request was blocked, from ``mon``. The reference the backtest is checked against."""
     from monitor.backtest.replay import Replay, plan
 
     replay = plan(mon.tokenizer, conv, max_tokens)
@@ -108,9 +120,9 @@ def per_turn_scans(mon, conv, max_tokens: int = 1 << 30) -> tuple[dict[str, tupl
     first: dict[str, tuple[tuple[int, bool, int], str, int]] = {}
     blocked = False
     for k in requests:
-        report = mon.scan(msgs[:k + 1])
-        assert report.error is None, report.error
-        blocked |= bool(report.blocks)
+        blocked |= bool(mon.scan(msgs[:k + 1]).blocks)
+        report = shadow.scan(msgs[:k + 1])
+        assert report.error is None and not report.blocks, report.error
         for hit in report.hits:  # within a turn, every prompt token precedes every response token
             turn = min(replay.turn_at(hit.token_index), k) if hit.scope == "prompt" else k
             key = (turn, hit.scope == "response", hit.token_index)

@@ -15,7 +15,7 @@ from monitor.backtest.scan import Scanner
 from monitor.policy import compile_policies, load_policies
 from monitor.runtime.hf import Monitor
 from monitor.shipped import shipped_policies_dir
-from tests.backtest.helpers import DATA, per_turn_scans
+from tests.backtest.helpers import DATA, per_turn_scans, shadow_copy
 
 PICK = ["syc-0", "syc-1", "syc-2", "syc-3", "syc-4", "code-0", "code-1", "multi-0", "multi-2", "multi-4",
         "multi-5", "multi-6", "multi-7", "pr-0"]
@@ -55,7 +55,7 @@ def test_scan_never_flags_what_the_backtest_does_not(setup):
     assert flagged_more >= 1, "multi-turn conversations fire in earlier turns that scan does not see"
 
 
-def test_every_turn_equals_its_own_scan_request_on_the_default_model(setup):
+def test_every_turn_equals_its_own_scan_request_on_the_default_model(setup, tmp_path):
     """Multi-turn conversations, most in one forward (SmolLM2's ChatML template is prefix-stable),
     and one whose first reply starts with a blank line: the tokenizer merges it with the
     template's newline, so no turn is a token prefix and it is scanned one row per turn (as are
@@ -70,13 +70,19 @@ def test_every_turn_equals_its_own_scan_request_on_the_default_model(setup):
     assert results[-1].replay == PER_TURN and sum(r.replay == ONE_FORWARD for r in results) >= 4
     mon = Monitor(parts.model, parts.tokenizer, sae=parts.sae, policies=policy, catalog=parts.catalog,
                   self_test=False, on_error="open")
+    d_sae = parts.sae.cfg.d_sae
+    shadow_policy = compile_policies(load_policies(shadow_copy(shipped_policies_dir(), tmp_path), parts.catalog,
+                                                   d_sae=d_sae), parts.catalog, d_sae=d_sae)
+    shadow = Monitor(parts.model, parts.tokenizer, sae=parts.sae, policies=shadow_policy, catalog=parts.catalog,
+                     self_test=False, on_error="open")
     try:
         earlier = 0
         for conv, res in zip(multi, results):
-            expected, blocked = per_turn_scans(mon, conv)
+            expected, blocked = per_turn_scans(mon, conv, shadow)
             assert {f.rule: (f.turn, f.scope, f.token) for f in res.versions[0].firings} == expected, conv.id
             assert (res.versions[0].decision == "block") == blocked, conv.id
             earlier += any(turn < len(conv.messages) - 1 for turn, _, _ in expected.values())
     finally:
         mon.close()
+        shadow.close()
     assert len(multi) >= 8 and earlier >= 1, "rules fire in earlier turns of these conversations"

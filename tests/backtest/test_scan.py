@@ -10,8 +10,8 @@ from monitor.backtest.scan import Scanner
 from monitor.policy import compile_policies, load_policies
 from monitor.runtime.hf import Monitor
 from monitor.backtest.replay import ONE_FORWARD, PER_TURN
-from tests.backtest.helpers import (per_turn_scans, quantile_threshold, rule_yaml, short_conversations, tiny_parts,
-                                    write_policy)
+from tests.backtest.helpers import (per_turn_scans, quantile_threshold, rule_yaml, shadow_copy, short_conversations,
+                                    tiny_parts, write_policy)
 from tests.backtest.test_replay import LAST_MARKED
 
 
@@ -139,11 +139,13 @@ def test_every_turn_is_evaluated_as_its_own_scan_request(parts, firing_policies,
     multi = {r.replay for r, c in zip(results, cs) if len(c.messages) > 2}
     assert multi == {ONE_FORWARD if template == "chatml" else PER_TURN}
     mon = Monitor(parts.model, parts.tokenizer, sae=parts.sae, policies=policy, self_test=False, on_error="open")
+    shadow = Monitor(parts.model, parts.tokenizer, sae=parts.sae, policies=compiled(shadow_copy(cand, tmp_path / "s")),
+                     self_test=False, on_error="open")
     try:
         fired = earlier = 0
         means = set()
         for conv, res in zip(cs, results):
-            expected, blocked = per_turn_scans(mon, conv)
+            expected, blocked = per_turn_scans(mon, conv, shadow)
             means |= {rule for rule in expected if rule.startswith("mean.")}
             assert firings(res) == expected, conv.id
             assert (res.versions[0].decision == "block") == blocked, conv.id
@@ -151,6 +153,7 @@ def test_every_turn_is_evaluated_as_its_own_scan_request(parts, firing_policies,
             earlier += any(turn < len(conv.messages) - 1 for turn, _, _ in expected.values())
     finally:
         mon.close()
+        shadow.close()
     assert fired >= 5 and earlier >= 2, "the rules were built to fire, in earlier turns too"
     assert means >= {"mean.prompt", "mean.response"}, "the scope-mean rules fire somewhere"
 
@@ -190,14 +193,17 @@ def test_real_tokenizer_boundary_merges_fall_back_to_per_turn_and_equal_scan(tmp
     results = Scanner(parts.model, tok, parts.sae, [policy], batch_size=8).scan(cs)
     assert {r.replay for r in results} == {ONE_FORWARD, PER_TURN}
     mon = Monitor(parts.model, tok, sae=parts.sae, policies=policy, self_test=False, on_error="open")
+    shadow = Monitor(parts.model, tok, sae=parts.sae, policies=compiled(shadow_copy(tmp_path, tmp_path / "s")),
+                     self_test=False, on_error="open")
     try:
         earlier = 0
         for conv, res in zip(cs, results):
-            expected, blocked = per_turn_scans(mon, conv)
+            expected, blocked = per_turn_scans(mon, conv, shadow)
             assert firings(res) == expected, conv.id
             assert (res.versions[0].decision == "block") == blocked, conv.id
             earlier += any(scope == "response" and turn < len(conv.messages) - 1
                            for turn, scope, _ in expected.values())
     finally:
         mon.close()
+        shadow.close()
     assert earlier >= 1, "the block rule fires in an earlier turn of some conversation"
