@@ -30,7 +30,6 @@ def _fallback_parents() -> Any:
         sae=one("--sae", default="default", help="'default' (the shipped SAE) or an SAE directory"),
         catalog=one("--catalog", default=None, help="feature catalog YAML (default: the shipped SAE's catalog)"),
         json=one("--json", action="store_true", help="print JSON instead of tables"),
-        batch_size=one("--batch-size", type=int, default=8, help="prompts/texts per forward pass"),
         seed=one("--seed", type=int, default=0))
 
 
@@ -38,10 +37,14 @@ def add_parser(subparsers: Any, parents: Any = None) -> None:
     """Register ``drift`` on ``subparsers`` (``parents``: the CLI's shared parent parsers)."""
     parents = parents if parents is not None else _fallback_parents()
     p = subparsers.add_parser(
-        "drift", parents=[parents.sae, parents.catalog, parents.json, parents.batch_size, parents.seed],
+        "drift", parents=[parents.sae, parents.catalog, parents.json, parents.seed],
         help="compare a fine-tuned model (checkpoint or LoRA adapter) with its base under the SAE and policies",
         description=__doc__.split("\n\n")[0], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="default", help="'default' or a model directory (default: default)")
+    # its own option, not the shared parent's: set_defaults on a shared parent's action would
+    # change the default of every command
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="prompts/texts per forward pass (default: sized for generation)")
     p.add_argument("--candidate", action="append", required=True, metavar="MODEL",
                    help="a checkpoint directory or a PEFT adapter directory; repeat for a checkpoint series")
     p.add_argument("--prompts", default=None, help="JSONL of prompts both models answer (default: a built-in set)")
@@ -60,7 +63,7 @@ def add_parser(subparsers: Any, parents: Any = None) -> None:
     p.add_argument("--include-text", action="store_true",
                    help="put prompts, answers and contexts in the JSON (off: no text leaves the report)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_drift, batch_size=None)   # None: Options' default, sized for generation
+    p.set_defaults(func=cmd_drift)
 
 
 def _progress(err: TextIO, quiet: bool) -> Any:
