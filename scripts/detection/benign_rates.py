@@ -3,7 +3,7 @@ and the top peaks of the features the enforce rules read (to set a threshold at 
 
     python scripts/detection/benign_rates.py
 """
-import json, sys
+import json
 import torch
 import monitor
 from monitor.runtime.scan import ScanItem
