@@ -124,10 +124,12 @@ class Monitor:
                 self._encoder = FeatureEncoder(self.sae, policy, self.catalog)
             return self._encoder
 
-    def new_session(self, rows: int, policy: CompiledPolicy | None = None) -> Session:
-        """A fresh :class:`Session` on the active policy (what every call starts with)."""
+    def new_session(self, rows: int, policy: CompiledPolicy | None = None, *, scope_means: bool = False) -> Session:
+        """A fresh :class:`Session` on the active policy (what every call starts with);
+        ``scope_means``: also keep the per-feature sums behind ``Report.means`` (scans)."""
         policy = policy or self.policy
-        return Session(policy, self.encoder_for(policy), rows, on_error=self.resolved_on_error(policy))
+        return Session(policy, self.encoder_for(policy), rows, on_error=self.resolved_on_error(policy),
+                       scope_means=scope_means)
 
     def close(self) -> None:
         """Remove the hooks: the model is exactly as before."""

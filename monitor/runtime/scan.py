@@ -190,7 +190,7 @@ def scan_transcripts(monitor: Monitor, items: Sequence[Scannable], *, batch_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for batch in length_buckets(lengths, batch_size, max_batch_tokens):
         started = time.perf_counter()
-        sessions = {i: monitor.new_session(1, policy) for i in batch}
+        sessions = {i: monitor.new_session(1, policy, scope_means=True) for i in batch}
         real = [i for i in batch if lengths[i] > 0]
         if real:
             encoder = sessions[real[0]].encoder

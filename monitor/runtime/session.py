@@ -68,8 +68,10 @@ class Session:
     """Monitoring state of one request of ``rows`` rows; see the module docstring."""
 
     def __init__(self, policy: CompiledPolicy, encoder: FeatureEncoder, rows: int, *,
-                 on_error: FailureMode = "closed", request_id: str | None = None) -> None:
+                 on_error: FailureMode = "closed", request_id: str | None = None,
+                 scope_means: bool = False) -> None:
         self.policy = policy
+        self.scope_means = scope_means  # keep Report.sums for Report.means (offline evaluation)
         self.encoder = encoder
         self.rows = rows
         self.on_error = on_error
@@ -211,10 +213,11 @@ def observe_many(sessions: Sequence[Session], feats: torch.Tensor, scope: Scope,
 
 
 def _accumulate(sessions: Sequence[Session], scope: Scope, feats: torch.Tensor, mask: torch.Tensor) -> None:
-    """Add this step's monitored-token counts, feature peaks and feature sums (for scope means)
-    to each session's report; ``feats[N, T, F]`` / ``mask[N, T]`` hold the sessions' rows in order."""
-    new = {"counts": mask.sum(1), "peaks": feats.masked_fill(~mask[..., None], float("-inf")).amax(dim=1),
-           "sums": feats.double().masked_fill(~mask[..., None], 0.0).sum(1)}
+    """Add this step's monitored-token counts, feature peaks and (for sessions that keep scope
+    means) feature sums to each session's report; ``feats[N, T, F]`` / ``mask[N, T]`` hold the sessions' rows in order."""
+    new = {"counts": mask.sum(1), "peaks": feats.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)}
+    if any(s.scope_means for s in sessions):  # evaluation only: not paid per token when serving
+        new["sums"] = feats.double().masked_fill(~mask[..., None], 0.0).sum(1)
     combine: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
         "counts": torch.add, "peaks": torch.maximum, "sums": torch.add}
     for name, value in new.items():

@@ -116,50 +116,40 @@ class Detectors:
             return score
         return fit
 
-    # --- a mean-pool probe applied per token, run-time aggregate window_mean(n), max over windows
+    # --- a mean-pool probe applied per token, each row's per-token scores reduced to one score
+    def _per_token(self, li: int, l2: float, reduce):
+        tok, off, base = self._tok32(li), self.off, self.pooled("mean", li, l2)
+
+        def fit(train):
+            inner = base(train)
+            w, b = inner.weight, inner.bias
+
+            def score(idx):
+                return np.array([reduce(tok[off[i]:off[i + 1]].astype(np.float32) @ w + b) for i in idx],
+                                np.float32)
+            score.weight, score.bias = w, b  # type: ignore[attr-defined]
+            return score
+        return fit
+
+    # --- run-time aggregate window_mean(n): max over windows of the per-token scores' mean
     def windowed(self, li: int, n: int = 16, l2: float = L2):
-        tok, off, base = self._tok32(li), self.off, self.pooled("mean", li, l2)
+        def reduce(s):
+            c = np.concatenate([[0.0], np.cumsum(s)])
+            t = np.arange(1, len(s) + 1)
+            lo = np.maximum(0, t - n)
+            return ((c[t] - c[lo]) / (t - lo)).max()
+        return self._per_token(li, l2, reduce)
 
-        def fit(train):
-            inner = base(train)
-            w, b = inner.weight, inner.bias
-
-            def score(idx):
-                out = np.empty(len(idx), np.float32)
-                for j, i in enumerate(idx):
-                    s = tok[off[i]:off[i + 1]].astype(np.float32) @ w + b
-                    c = np.concatenate([[0.0], np.cumsum(s)])
-                    t = np.arange(1, len(s) + 1)
-                    lo = np.maximum(0, t - n)
-                    out[j] = ((c[t] - c[lo]) / (t - lo)).max()
-                return out
-            score.weight, score.bias = w, b  # type: ignore[attr-defined]
-            return score
-        return fit
-
-    # --- a mean-pool probe applied per token, run-time aggregate scope_mean(min_tokens): the
-    # running mean over the scope, max over the tokens from the min_tokens-th on (what the
-    # engine fires on); rows with fewer tokens can never fire and score -inf
+    # --- run-time aggregate scope_mean(min_tokens): the running mean over the scope, max over the
+    # tokens from the min_tokens-th on (what the engine fires on); rows with fewer tokens can
+    # never fire and score -inf
     def scope_mean(self, li: int, min_tokens: int = 8, l2: float = L2, final: bool = False):
-        tok, off, base = self._tok32(li), self.off, self.pooled("mean", li, l2)
-
-        def fit(train):
-            inner = base(train)
-            w, b = inner.weight, inner.bias
-
-            def score(idx):
-                out = np.empty(len(idx), np.float32)
-                for j, i in enumerate(idx):
-                    s = tok[off[i]:off[i + 1]].astype(np.float32) @ w + b
-                    run = np.cumsum(s.astype(np.float64)) / np.arange(1, len(s) + 1)
-                    if final:
-                        out[j] = run[-1]
-                    else:
-                        out[j] = run[min_tokens - 1:].max() if len(s) >= min_tokens else -np.inf
-                return out
-            score.weight, score.bias = w, b  # type: ignore[attr-defined]
-            return score
-        return fit
+        def reduce(s):
+            run = np.cumsum(s.astype(np.float64)) / np.arange(1, len(s) + 1)
+            if final:
+                return run[-1]
+            return run[min_tokens - 1:].max() if len(s) >= min_tokens else -np.inf
+        return self._per_token(li, l2, reduce)
 
     # --- per-token probe, scored as the max over tokens (the runtime rule)
     def tokmax(self, li: int, l2: float = L2):

@@ -42,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from monitor.activations import length_batches  # noqa: E402
 from monitor.capture import HookPoint, forward_through  # noqa: E402
 from monitor.data import read_jsonl  # noqa: E402
 from monitor.discover import labeled_item  # noqa: E402
@@ -182,24 +183,10 @@ def run_chunk(model, tokenizer, sae, rows: list[dict], batch_tokens: int = 4096,
     smean = np.zeros((n, sae.cfg.d_sae), np.float16)
     toks: list[np.ndarray | None] = [None] * n
     ntok = np.zeros(n, np.int32)
-    order = sorted(range(n), key=lambda i: len(wins[i][0]))
     points = {HookPoint(layer): layer for layer in LAYERS}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    b = 0
-    while b < n:
-        width = max(1, len(wins[order[b]][0]))
-        batch = [order[b]]
-        while b + len(batch) < n and len(wins[order[b + len(batch)]][0]) * (len(batch) + 1) <= batch_tokens:
-            batch.append(order[b + len(batch)])
-        width = max(1, max(len(wins[i][0]) for i in batch))
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        scope = torch.zeros(ids.shape, dtype=torch.bool)
-        for r, i in enumerate(batch):
-            w_ids, w_scope = wins[i]
-            ids[r, :len(w_ids)] = torch.tensor(w_ids)
-            attn[r, :len(w_ids)] = 1
-            scope[r, :len(w_ids)] = torch.tensor(w_scope)
+    for padded in length_batches(wins, max(1, n), pad, max_tokens=batch_tokens):
+        batch, ids, attn, scope = padded.indices, padded.ids, padded.attention_mask, padded.scope
         got: dict[int, torch.Tensor] = {}
 
         def grab(layer):
@@ -225,7 +212,6 @@ def run_chunk(model, tokenizer, sae, rows: list[dict], batch_tokens: int = 4096,
             f = sae.encode(x[:, LAYERS.index(15)])
             smax[i] = f.max(0).values.numpy()
             smean[i] = f.mean(0).numpy()
-        b += len(batch)
     offsets = np.concatenate([[0], np.cumsum(ntok)]).astype(np.int64)
     tok = np.concatenate([t for t in toks], axis=0)
     meta = []
