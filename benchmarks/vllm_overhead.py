@@ -73,8 +73,8 @@ async def closed_loop(prompts: list[str], concurrency: int, run_one: Any) -> lis
     return list(await asyncio.gather(*(gated(p) for p in prompts)))
 
 
-def vllm_pair(model: str, tokens: int, repeats: int, max_model_len: int, requests: int | None
-              ) -> tuple[dict[int, float], dict[int, float], dict[str, int], dict[str, float]]:
+def vllm_pair(model: str, tokens: int, repeats: int, max_model_len: int, requests: int | None,
+              levels: list[int]) -> tuple[dict[int, float], dict[int, float], dict[str, int], dict[str, Any]]:
     """Plain and monitored vLLM, both started, driven in alternation: each repeat runs a plain
     wave then a monitored wave of the same prompts, so both see the same machine load."""
     from vllm import SamplingParams
@@ -108,8 +108,10 @@ def vllm_pair(model: str, tokens: int, repeats: int, max_model_len: int, request
         try:
             mon.submit_sync(closed_loop(wave(2), 2, one))  # warm-up, both engines
             mon.generate(wave(2), max_tokens=tokens)
-            for c in CONCURRENCY:
+            worker: dict[str, Any] = {}
+            for c in levels:
                 prompts = wave(wave_size(c, requests))
+                before = mon.submit_sync(mon.engine.collective_rpc("sae_monitor_status"))[0]
                 for _ in range(repeats):
                     started = time.perf_counter()
                     delivered = sum(mon.submit_sync(closed_loop(prompts, c, one)))
@@ -120,11 +122,14 @@ def vllm_pair(model: str, tokens: int, repeats: int, max_model_len: int, request
                                                        / (time.perf_counter() - started))
                     for o in outs:
                         outcomes[o.report.outcome] = outcomes.get(o.report.outcome, 0) + 1
-            status = mon.submit_sync(mon.engine.collective_rpc("sae_monitor_status"))[0]
+                after = mon.submit_sync(mon.engine.collective_rpc("sae_monitor_status"))[0]
+                steps = after["steps"] - before["steps"]
+                worker[f"ms_per_step_at_{c}"] = round(1000 * (after["monitor_seconds"] - before["monitor_seconds"])
+                                                      / max(steps, 1), 3)
+                worker[f"steps_at_{c}"] = steps
         finally:
             engine.shutdown()
-    return ({c: max(v) for c, v in plain.items()}, {c: max(v) for c, v in monitored.items()}, outcomes,
-            {"worker_monitor_seconds": status["monitor_seconds"], "worker_steps": status["steps"]})
+    return {c: max(v) for c, v in plain.items()}, {c: max(v) for c, v in monitored.items()}, outcomes, worker
 
 
 def delivered_tokens(new: Any, eos: int) -> int:
@@ -134,7 +139,7 @@ def delivered_tokens(new: Any, eos: int) -> int:
     return int(((ended == 0) | ((ended == 1) & (new == eos))).sum())
 
 
-def transformers_path(tokens: int, repeats: int, requests: int | None) -> dict[int, float]:
+def transformers_path(tokens: int, repeats: int, requests: int | None, levels: list[int]) -> dict[int, float]:
     """``monitor.wrap(...).generate`` over the same waves, ``concurrency`` prompts per batch
     (left padding), one batch after another."""
     import torch
@@ -159,7 +164,7 @@ def transformers_path(tokens: int, repeats: int, requests: int | None) -> dict[i
     try:
         warm, warm_mask = batch(wave(2))
         mon.generate(input_ids=warm, attention_mask=warm_mask, max_new_tokens=4, do_sample=False, pad_token_id=pad)
-        for c in CONCURRENCY:
+        for c in levels:
             prompts = wave(wave_size(c, requests))
             batches = [batch(prompts[i:i + c]) for i in range(0, len(prompts), c)]
             rates = []
@@ -184,6 +189,8 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--requests", type=int, default=None,
                         help="requests per wave (default: max(16, 2 x concurrency))")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY),
+                        help="concurrent requests to measure (default: 1 8 32)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -194,16 +201,17 @@ def main() -> None:
     if not (model / "config.json").is_file():
         load_default_model()
     started = time.perf_counter()
-    plain, monitored, outcomes, worker = vllm_pair(str(model), args.tokens, args.repeats, args.max_model_len, args.requests)
+    plain, monitored, outcomes, worker = vllm_pair(str(model), args.tokens, args.repeats, args.max_model_len, args.requests,
+                                                args.concurrency)
     print(f"vLLM tok/s by concurrency: {plain}", flush=True)  # each phase as it ends
     print(f"vLLM+monitor tok/s by concurrency: {monitored}; worker: {worker}", flush=True)
-    hf = {} if args.skip_transformers else transformers_path(args.tokens, args.repeats, args.requests)
+    hf = {} if args.skip_transformers else transformers_path(args.tokens, args.repeats, args.requests, args.concurrency)
     print(f"vLLM overhead: default model, {args.tokens} new tokens per request at most, waves of "
-          f"{[wave_size(c, args.requests) for c in CONCURRENCY]} requests, best of {args.repeats} waves, "
+          f"{[wave_size(c, args.requests) for c in args.concurrency]} requests, best of {args.repeats} waves, "
           f"CPU, enforce_eager, float32 (outcomes of monitored requests: {outcomes})")
     print(f"{'concurrent':>10} {'vLLM tok/s':>11} {'vLLM+mon tok/s':>15} {'mon/plain':>10} "
           f"{'HF+mon tok/s':>13} {'vLLM+mon/HF+mon':>16}")
-    for c in CONCURRENCY:
+    for c in args.concurrency:
         ratio_hf = f"{monitored[c] / hf[c]:16.2f}" if c in hf else f"{'-':>16}"
         hf_rate = f"{hf[c]:13.1f}" if c in hf else f"{'-':>13}"
         print(f"{c:>10} {plain[c]:11.1f} {monitored[c]:15.1f} {monitored[c] / plain[c]:10.3f} {hf_rate} {ratio_hf}")
