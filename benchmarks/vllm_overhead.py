@@ -201,11 +201,12 @@ def main() -> None:
     if not (model / "config.json").is_file():
         load_default_model()
     started = time.perf_counter()
-    plain, monitored, outcomes, worker = vllm_pair(str(model), args.tokens, args.repeats, args.max_model_len, args.requests,
-                                                args.concurrency)
+    plain, monitored, outcomes, worker = vllm_pair(str(model), args.tokens, args.repeats, args.max_model_len,
+                                                   args.requests, args.concurrency)
     print(f"vLLM tok/s by concurrency: {plain}", flush=True)  # each phase as it ends
     print(f"vLLM+monitor tok/s by concurrency: {monitored}; worker: {worker}", flush=True)
-    hf = {} if args.skip_transformers else transformers_path(args.tokens, args.repeats, args.requests, args.concurrency)
+    hf = ({} if args.skip_transformers
+          else transformers_path(args.tokens, args.repeats, args.requests, args.concurrency))
     print(f"vLLM overhead: default model, {args.tokens} new tokens per request at most, waves of "
           f"{[wave_size(c, args.requests) for c in args.concurrency]} requests, best of {args.repeats} waves, "
           f"CPU, enforce_eager, float32 (outcomes of monitored requests: {outcomes})")
