@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="run forward and backward under CPU bfloat16 autocast (the LoRA weights and "
-                             "optimizer stay float32); ~2-3x faster on CPUs with bf16 instructions")
+                             "optimizer stay float32); about 2x faster a step on a CPU with bf16 instructions")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
