@@ -18,8 +18,10 @@ which is measured once (:class:`monitor.drift.run.DriftCheck`): one model-heavy 
 time on a shared machine, and partial results as soon as they exist.
 
 Each candidate's result is appended to ``--out`` (JSONL) as soon as it is ready; ``--resume``
-skips candidates already there (with the same settings), so a long panel can be stopped and
-continued. Usage::
+skips candidates already there (keep the same settings when continuing), so a long panel can
+be stopped and continued; without it an existing non-empty ``--out`` is refused. ``--only NAME``
+(repeatable) restricts the run to some of the panel, e.g. one fine-tune and its check per
+invocation, so that a shared lock can be released between them. Usage::
 
     python benchmarks/drift_panel.py --runs runs/drift/ft --series runs/drift/ft/unsafe-100-s0 \\
         --out runs/drift/panel.jsonl --threads 1
@@ -145,7 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/drift/panel.jsonl"))
     ap.add_argument("--report-only", action="store_true", help="print the tables from --out without running")
+    ap.add_argument("--resume", action="store_true", help="continue an existing --out: skip candidates already in it")
+    ap.add_argument("--only", action="append", default=None, metavar="NAME",
+                    help="run only these panel members (and --series' checkpoints when NAME is the series' run)")
     args = ap.parse_args(argv)
+    if args.only and args.train and set(args.only) - set(PANEL):
+        ap.error(f"--only: not in the panel: {sorted(set(args.only) - set(PANEL))}; the panel is {list(PANEL)}")
+    if args.out.is_file() and args.out.stat().st_size and not (args.resume or args.report_only):
+        ap.error(f"--out {args.out} already holds results: pass --resume to continue it, or choose another --out")
 
     import torch
 
@@ -163,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [args.runs / n for n in names]
     series_dir = args.series
     if not args.report_only:
+        todo = [p for p in runs if not args.only or p.name in args.only]
+        run_series = series_dir is not None and (not args.only or series_dir.name in args.only)
         options = Options(max_new_tokens=args.max_new_tokens, passes=tuple(args.passes.split(",")),
                           batch_size=args.batch_size, contexts=0)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,9 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                 base_row = {"candidate": "BASE", "python_snippets": snippets, "bandit_flagged": flagged,
                             "bandit_findings": findings, "bandit_rate": flagged / snippets if snippets else 0.0,
                             "rules": {}}
-                with args.out.open("a") as handle:
-                    handle.write(json.dumps(base_row) + "\n")
-                done["BASE"] = base_row
+                if "BASE" not in done:
+                    with args.out.open("a") as handle:
+                        handle.write(json.dumps(base_row) + "\n")
+                    done["BASE"] = base_row
             from dataclasses import asdict
 
             c = check.compare(str(path))
@@ -197,11 +209,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"kl {row['kl']:.4f} bandit {row['bandit_flagged']}/{row['python_snippets']} "
                   f"({row['seconds']:.0f}s)", flush=True)
 
-        for path in runs:
+        for path in todo:
             if args.train and not (path / "adapter_model.safetensors").is_file():
                 train(path.name, args.runs, args.train_args.split(), args.out.with_suffix(".train.log"))
             evaluate(path)
-        if series_dir is not None:
+        if run_series and series_dir is not None:
             for ck in sorted((p for p in series_dir.iterdir() if p.name.startswith("checkpoint-")),
                              key=lambda p: int(p.name.split("-")[1])):
                 evaluate(ck)

@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="run forward and backward under CPU bfloat16 autocast (the LoRA weights and "
+                             "optimizer stay float32); about 2x faster a step on a CPU with bf16 instructions")
+    parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
 
@@ -197,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch])
         labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
         mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        if step % 10 == 0 or step == 1:
+        if step % args.log_every == 0 or step == 1:
             print(json.dumps({"step": step, "loss": round(float(loss), 4),
                               "seconds": round(time.perf_counter() - started, 1)}), flush=True)
         if step % args.save_every == 0 and step < args.steps:
