@@ -15,11 +15,15 @@ and 32 concurrent requests (greedy, ``--tokens`` new tokens at most, the same pr
 * **transformers + monitor** — ``monitor.wrap(...).generate`` at batch 1, 8 and 32 (left
   padding), the path this adapter replaces.
 
-Throughput is delivered response tokens per second of wall time for the whole wave of
-requests. Both vLLM engines are started, then driven in alternation (a plain wave, then a
-monitored wave of the same prompts, ``--repeats`` times per concurrency; the best wave of each
-is kept), so both see the same machine load and neither competes with the other for the CPU.
-Ratios are printed in the same run; nothing is compared against numbers from another run.
+Throughput is delivered response tokens per second of wall time for a *wave*: ``--requests``
+requests (default ``max(16, 2 x concurrency)``, the prompts below in turn) driven as a closed
+loop that keeps ``concurrency`` requests in flight, starting the next as one ends; so the wave
+at one request is 16 requests one after the other, short and long answers alike, not one
+8-token answer whose fixed costs (prefill, the report's round trip) would dominate. Both vLLM
+engines are started, then driven in alternation (a plain wave, then a monitored wave of the
+same prompts, ``--repeats`` times per concurrency; the best wave of each is kept), so both see
+the same machine load and neither competes with the other for the CPU. Ratios are printed in
+the same run; nothing is compared against numbers from another run.
 
 Why ``--tokens`` matters: a monitored request runs one more decode step than a plain one (its
 last token's activations exist only once that token is fed back; see
@@ -38,6 +42,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -53,7 +58,22 @@ def wave(n: int) -> list[str]:
     return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
 
 
-def vllm_pair(model: str, tokens: int, repeats: int, max_model_len: int
+def wave_size(concurrency: int, requests: int | None) -> int:
+    return requests or max(16, 2 * concurrency)
+
+
+async def closed_loop(prompts: list[str], concurrency: int, run_one: Any) -> list[Any]:
+    """Run ``run_one(prompt)`` for every prompt with at most ``concurrency`` in flight."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def gated(prompt: str) -> Any:
+        async with gate:
+            return await run_one(prompt)
+
+    return list(await asyncio.gather(*(gated(p) for p in prompts)))
+
+
+def vllm_pair(model: str, tokens: int, repeats: int, max_model_len: int, requests: int | None
               ) -> tuple[dict[int, float], dict[int, float], dict[str, int], dict[str, float]]:
     """Plain and monitored vLLM, both started, driven in alternation: each repeat runs a plain
     wave then a monitored wave of the same prompts, so both see the same machine load."""
@@ -82,19 +102,20 @@ def vllm_pair(model: str, tokens: int, repeats: int, max_model_len: int
                 n = len(out.outputs[0].token_ids)
             return n
 
-        async def plain_wave(c: int) -> int:
-            return sum(await asyncio.gather(*(one(p) for p in wave(c))))
+        async def monitored_one(prompt: str) -> Any:
+            return await mon.agenerate(prompt, max_tokens=tokens)
 
         try:
-            mon.submit_sync(plain_wave(2))  # warm-up, both engines
+            mon.submit_sync(closed_loop(wave(2), 2, one))  # warm-up, both engines
             mon.generate(wave(2), max_tokens=tokens)
             for c in CONCURRENCY:
+                prompts = wave(wave_size(c, requests))
                 for _ in range(repeats):
                     started = time.perf_counter()
-                    delivered = mon.submit_sync(plain_wave(c))
+                    delivered = sum(mon.submit_sync(closed_loop(prompts, c, one)))
                     plain.setdefault(c, []).append(delivered / (time.perf_counter() - started))
                     started = time.perf_counter()
-                    outs = mon.generate(wave(c), max_tokens=tokens)
+                    outs = mon.submit_sync(closed_loop(prompts, c, monitored_one))
                     monitored.setdefault(c, []).append(sum(len(o.token_ids) for o in outs)
                                                        / (time.perf_counter() - started))
                     for o in outs:
@@ -106,7 +127,16 @@ def vllm_pair(model: str, tokens: int, repeats: int, max_model_len: int
             {"worker_monitor_seconds": status["monitor_seconds"], "worker_steps": status["steps"]})
 
 
-def transformers_path(tokens: int, repeats: int) -> dict[int, float]:
+def delivered_tokens(new: Any, eos: int) -> int:
+    """Response tokens up to and including each row's first end-of-sequence token (the rest is
+    padding, which for this tokenizer is the same id)."""
+    ended = (new == eos).int().cumsum(1)
+    return int(((ended == 0) | ((ended == 1) & (new == eos))).sum())
+
+
+def transformers_path(tokens: int, repeats: int, requests: int | None) -> dict[int, float]:
+    """``monitor.wrap(...).generate`` over the same waves, ``concurrency`` prompts per batch
+    (left padding), one batch after another."""
     import torch
 
     import monitor
@@ -115,23 +145,31 @@ def transformers_path(tokens: int, repeats: int) -> dict[int, float]:
     model, tokenizer = monitor.load_default_model()
     tokenizer.padding_side = "left"
     mon = monitor.wrap(model, tokenizer)
+    pad = tokenizer.pad_token_id
     results: dict[int, float] = {}
+
+    def batch(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [list(token_ids(tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                              add_generation_prompt=True, tokenize=True)))
+                for p in prompts]
+        width = max(len(r) for r in rows)
+        return (torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+                torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]))
+
     try:
+        warm, warm_mask = batch(wave(2))
+        mon.generate(input_ids=warm, attention_mask=warm_mask, max_new_tokens=4, do_sample=False, pad_token_id=pad)
         for c in CONCURRENCY:
-            rows = [list(token_ids(tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                                                  add_generation_prompt=True, tokenize=True)))
-                    for p in wave(c)]
-            width = max(len(r) for r in rows)
-            pad = tokenizer.pad_token_id
-            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            prompts = wave(wave_size(c, requests))
+            batches = [batch(prompts[i:i + c]) for i in range(0, len(prompts), c)]
             rates = []
             for _ in range(repeats):
                 started = time.perf_counter()
-                out = mon.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
-                                   pad_token_id=pad)
-                new = out[:, width:]
-                delivered = int(((new != pad) | (new == tokenizer.eos_token_id)).sum())
+                delivered = 0
+                for ids, mask in batches:
+                    out = mon.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens,
+                                       do_sample=False, pad_token_id=pad)
+                    delivered += delivered_tokens(out[:, ids.shape[1]:], tokenizer.eos_token_id)
                 rates.append(delivered / (time.perf_counter() - started))
             results[c] = max(rates)
     finally:
@@ -144,6 +182,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request (at most)")
     parser.add_argument("--repeats", type=int, default=2, help="waves per concurrency; the best is kept")
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per wave (default: max(16, 2 x concurrency))")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -154,11 +194,12 @@ def main() -> None:
     if not (model / "config.json").is_file():
         load_default_model()
     started = time.perf_counter()
-    plain, monitored, outcomes, worker = vllm_pair(str(model), args.tokens, args.repeats, args.max_model_len)
+    plain, monitored, outcomes, worker = vllm_pair(str(model), args.tokens, args.repeats, args.max_model_len, args.requests)
     print(f"vLLM tok/s by concurrency: {plain}", flush=True)  # each phase as it ends
     print(f"vLLM+monitor tok/s by concurrency: {monitored}; worker: {worker}", flush=True)
-    hf = {} if args.skip_transformers else transformers_path(args.tokens, args.repeats)
-    print(f"vLLM overhead: default model, {args.tokens} new tokens per request, best of {args.repeats} waves, "
+    hf = {} if args.skip_transformers else transformers_path(args.tokens, args.repeats, args.requests)
+    print(f"vLLM overhead: default model, {args.tokens} new tokens per request at most, waves of "
+          f"{[wave_size(c, args.requests) for c in CONCURRENCY]} requests, best of {args.repeats} waves, "
           f"CPU, enforce_eager, float32 (outcomes of monitored requests: {outcomes})")
     print(f"{'concurrent':>10} {'vLLM tok/s':>11} {'vLLM+mon tok/s':>15} {'mon/plain':>10} "
           f"{'HF+mon tok/s':>13} {'vLLM+mon/HF+mon':>16}")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from monitor.errors import MonitorError
+from monitor.runtime.threads import one_host_thread
 
 if TYPE_CHECKING:
     from monitor.policy import SteerDirective
@@ -96,6 +97,12 @@ class HFRequest:
             self._publish()
             return
         started = time.perf_counter()
+        with one_host_thread(resid.device):
+            self._on_new_rows(resid)
+        session.report.monitor_seconds += time.perf_counter() - started
+
+    def _on_new_rows(self, resid: torch.Tensor) -> None:
+        session = self.session
         T = resid.shape[1]
         start, new = (0, T) if not self.prefill_done else (self.positions_done + 1 - T, 1)
         old = T - new
@@ -117,7 +124,6 @@ class HFRequest:
             self.prefill_done = True
             self.positions_done = start + T
             self._publish()
-            session.report.monitor_seconds += time.perf_counter() - started
 
     def _observe(self, resid: torch.Tensor, ids: torch.Tensor | None, start: int, scope: str,
                  upto: int | None = None, frm: int = 0,

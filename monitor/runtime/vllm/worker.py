@@ -41,6 +41,7 @@ from monitor.policy import CompiledPolicy, PolicyStore
 from monitor.runtime.vllm.batch import Span, plan_step
 from monitor.runtime.vllm.setup import sae_layer_only
 from monitor.runtime.encoder import FeatureEncoder
+from monitor.runtime.threads import one_host_thread
 from monitor.runtime.vllm.spec import EXTRA_ARGS_KEY, MonitorSpec
 from monitor.report import Report
 from monitor.runtime.vllm.tracker import RequestTracker, monitored_rows, step_group
@@ -165,6 +166,12 @@ class WorkerMonitor:
         if sched is None:  # a profiling or warm-up run: no requests
             return
         started = time.perf_counter()
+        with one_host_thread(hidden.device):
+            self._monitor_step(hidden, residual, sched)
+        self.steps += 1
+        self.monitor_seconds += time.perf_counter() - started
+
+    def _monitor_step(self, hidden: torch.Tensor, residual: torch.Tensor | None, sched: Any) -> None:
         batch = self.runner.input_batch
         req_ids = [r for r in batch.req_ids if r is not None]
         self._admit(req_ids)
@@ -192,8 +199,6 @@ class WorkerMonitor:
         for r in watched:
             if self.trackers[r].stopped:
                 self.to_stop[index[r]] = True
-        self.steps += 1
-        self.monitor_seconds += time.perf_counter() - started
 
     def _admit(self, req_ids: list[str]) -> None:
         """Start a tracker for each monitored request seen for the first time."""
