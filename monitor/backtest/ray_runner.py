@@ -28,7 +28,7 @@ from typing import Any
 from monitor.backtest.policies import PolicyVersion
 from monitor.backtest.read import FieldMap, read_file, record_from_json, record_to_json
 from monitor.backtest.results import ResultStore
-from monitor.backtest.scan import MAX_BATCH_TOKENS
+from monitor.backtest.scan import MAX_BATCH_TOKENS, check_dtype
 from monitor.errors import MonitorError
 from monitor.policy import CompiledPolicy
 
@@ -61,7 +61,7 @@ class ScanActor:
 
     def __init__(self, factory: PartsFactory, policies: Sequence[CompiledPolicy], labels: Sequence[str],
                  batch_size: int, max_tokens: int | None, include_text: bool, device: str | None,
-                 max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
+                 max_batch_tokens: int = MAX_BATCH_TOKENS, dtype: str = "float32") -> None:
         import torch
 
         from monitor.backtest.scan import Scanner
@@ -75,7 +75,7 @@ class ScanActor:
             model, sae = model.to(device), sae.to(device)
         self.labels, self.include_text = list(labels), include_text
         self.scanner = Scanner(model, parts.tokenizer, sae, policies, parts.catalog, batch_size=batch_size,
-                               max_tokens=max_tokens, max_batch_tokens=max_batch_tokens)
+                               max_tokens=max_tokens, max_batch_tokens=max_batch_tokens, dtype=dtype)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -114,9 +114,11 @@ def run_on_ray(paths: Sequence[Path], versions: Sequence[PolicyVersion], store: 
                factory: PartsFactory, workers: int, batch_size: int, chunk_size: int,
                max_tokens: int | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
                include_text: bool = False, fields: FieldMap | None = None,
-               progress: Callable[[int, int], None] | None = None) -> None:
+               progress: Callable[[int, int], None] | None = None, dtype: str = "float32") -> None:
     """Scan every not-yet-committed record of ``paths`` on the connected cluster with
-    ``workers`` actors (one GPU each when the cluster has GPUs) and commit the rows."""
+    ``workers`` actors (one GPU each when the cluster has GPUs, each running its forwards at
+    ``dtype``, see :class:`~monitor.backtest.scan.Scanner`) and commit the rows."""
+    check_dtype(dtype)  # refused here, not in every actor
     import ray
     import ray.data
 
@@ -131,7 +133,7 @@ def run_on_ray(paths: Sequence[Path], versions: Sequence[PolicyVersion], store: 
                         fn_constructor_kwargs=dict(factory=factory, policies=[v.policy for v in versions],
                                                    labels=store.labels, batch_size=batch_size,
                                                    max_tokens=max_tokens, max_batch_tokens=max_batch_tokens,
-                                                   include_text=include_text,
+                                                   include_text=include_text, dtype=dtype,
                                                    device="cuda" if gpus else None),
                         num_gpus=1 if gpus else 0, num_cpus=1)
     pending: list[dict[str, Any]] = []

@@ -39,7 +39,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 def render_table(summary: dict[str, Any], problems_shown: int = 5) -> str:
     """The terminal summary: totals, decisions and rules per version, the diff, the problems."""
     lines = [f"records {summary['records']}  scanned {summary['scanned']}  skipped {summary['skipped']}  "
-             f"tokens {summary['tokens']}"]
+             f"tokens {summary['tokens']}  dtype {summary.get('dtype', 'float32')}"]
     for label, v in summary["versions"].items():
         lines += ["", f"[{label}] {v.get('source', '')}  version {v.get('version_id', '')}"]
         lines.append("  " + "  ".join(f"{d} {v['decisions'][d]} ({_pct(v['rates'][d])})" for d in DECISIONS))

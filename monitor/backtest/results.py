@@ -82,11 +82,13 @@ class ResultStore:
     """The results directory of one backtest run (see the module doc).
 
     ``versions``: ``[{"label", "version_id", "source"}]`` per policy version, in scan order.
-    ``resume``: continue a run found in ``out`` (refused when its versions differ); without it a
-    directory holding a run is an error, so results are never mixed by accident.
+    ``resume``: continue a run found in ``out`` (refused when its versions or its forward
+    precision ``dtype`` differ); without it a directory holding a run is an error, so results
+    are never mixed by accident.
     """
 
-    def __init__(self, out: str | Path, versions: Sequence[dict[str, str]], *, resume: bool = True) -> None:
+    def __init__(self, out: str | Path, versions: Sequence[dict[str, str]], *, resume: bool = True,
+                 dtype: str = "float32") -> None:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
@@ -107,9 +109,13 @@ class ResultStore:
                 raise DataError(f"{self.out} holds a run of other policy versions "
                                 f"({', '.join(v['version_id'] for v in previous.get('versions', []))}); "
                                 "resume only with the same --policies/--against, or choose another --out")
+            if previous.get("dtype", "float32") != dtype:
+                raise DataError(f"{self.out} holds a run at --dtype {previous.get('dtype', 'float32')}; resume it "
+                                f"at that precision (not {dtype}), or choose another --out")
+        self.dtype = dtype
         self.chunks.mkdir(parents=True, exist_ok=True)
         if not run.is_file():
-            _fsync_write(run, json.dumps({"versions": self.versions}, indent=2).encode())
+            _fsync_write(run, json.dumps({"versions": self.versions, "dtype": dtype}, indent=2).encode())
         self._drop_torn_tail()
         self._done, committed = self._read_manifest()
         for stray in self.chunks.iterdir():  # uncommitted leftovers of a killed run

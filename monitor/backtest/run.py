@@ -19,7 +19,7 @@ from typing import Any
 from monitor.backtest.policies import PolicyVersion, resolve
 from monitor.backtest.read import Conversation, FieldMap, Problem, Record, expand, read_records
 from monitor.backtest.results import ResultStore, to_row
-from monitor.backtest.scan import MAX_BATCH_TOKENS, Scanner
+from monitor.backtest.scan import MAX_BATCH_TOKENS, Scanner, check_dtype
 from monitor.backtest.summary import summarize
 from monitor.catalog import Catalog
 
@@ -58,7 +58,10 @@ class BacktestConfig:
     directory (resumed if it holds a run of the same versions). ``batch_size``: conversations
     per forward, at most ``max_batch_tokens`` padded tokens; ``chunk_size``: records per
     committed chunk (the most a kill can lose and redo). ``include_text``: keep each conversation's text in the results and examples (off:
-    only its ``sha256``). ``max_tokens``: skip longer conversations (default: the context)."""
+    only its ``sha256``). ``max_tokens``: skip longer conversations (default: the context).
+    ``dtype``: the forward's precision, ``float32`` (default: exactly ``Monitor.scan``'s) or
+    ``bfloat16`` (autocast; faster, results differ by rounding: see :mod:`monitor.backtest.scan`);
+    another value raises :class:`~monitor.backtest.scan.DtypeError`."""
 
     data: Sequence[str]
     policies: str
@@ -71,6 +74,10 @@ class BacktestConfig:
     include_text: bool = False
     fields: FieldMap = field(default_factory=FieldMap)
     examples: int = 3
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        check_dtype(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -116,7 +123,7 @@ def prepare(config: BacktestConfig, parts: Parts, resume: bool = True
     configuration error surfaces here, before any scanning."""
     versions = resolve(config.policies, config.against, parts.catalog, parts.sae.cfg.d_sae)
     paths = expand(config.data)
-    store = ResultStore(config.out, [v.describe() for v in versions], resume=resume)
+    store = ResultStore(config.out, [v.describe() for v in versions], resume=resume, dtype=config.dtype)
     return versions, store, paths
 
 
@@ -124,6 +131,7 @@ def finish(config: BacktestConfig, versions: Sequence[PolicyVersion], store: Res
     """Merge the committed chunks and write ``summary.json``."""
     rows = store.finalize()
     summary = summarize(rows, store.labels, [v.describe() for v in versions], examples=config.examples)
+    summary["dtype"] = config.dtype  # the forward's precision: results of different ones are not comparable
     (store.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return BacktestOutcome(rows, summary, store.out)
 
@@ -136,7 +144,7 @@ def run_backtest(config: BacktestConfig, parts: Parts | None = None, *, progress
     versions, store, paths = prepare(config, parts, resume)
     scanner = Scanner(parts.model, parts.tokenizer, parts.sae, [v.policy for v in versions], parts.catalog,
                       batch_size=config.batch_size, max_tokens=config.max_tokens,
-                      max_batch_tokens=config.max_batch_tokens)
+                      max_batch_tokens=config.max_batch_tokens, dtype=config.dtype)
     for chunk in _chunks(read_records(paths, config.fields, skip=store.done), config.chunk_size):
         rows = scan_records(scanner, chunk, store.labels, config.include_text)
         store.commit(rows)

@@ -24,10 +24,19 @@ backtest flags, and the last-turn ``scan`` is one of those. Steering is reported
 would trigger; its effect on later tokens is not simulated (the logged text is what was said).
 Floating-point sums in a batched forward differ from a one-row forward by rounding (~1e-6
 relative): a token that close to a threshold can flip.
+
+Precision (``dtype``): ``float32`` (the default) runs the forward as ``Monitor.scan`` does, so
+the guarantee above holds. ``bfloat16`` runs the forward under ``torch.autocast`` (matmuls in
+bfloat16, the residual stream and norms in float32; 2-3x faster on CPUs with native bfloat16
+and on GPUs); the hooked residual is cast to float32 and the SAE/probe encode runs in float32
+outside autocast. Its activations differ from float32 by bfloat16 rounding (about 1e-2
+relative), so tokens near a threshold can flip: the last-turn guarantee holds only between a
+backtest and a ``scan`` at the same precision (docs/backtest.md, "Precision").
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -40,6 +49,7 @@ from monitor.backtest.read import Conversation, Problem
 from monitor.backtest.replay import Replay, Row, plan
 from monitor.capture import forward_through
 from monitor.catalog import Catalog
+from monitor.errors import MonitorError
 from monitor.policy import CompiledPolicy, Hit
 from monitor.runtime.encoder import FeatureEncoder
 from monitor.runtime.scan import length_buckets, monitor_mask, pad_batch
@@ -47,6 +57,27 @@ from monitor.sae import SAE
 
 DECISIONS = ("block", "steer", "alert", "log", "allow")  # most to least severe
 MAX_BATCH_TOKENS = 4096  # padded tokens per forward (see docs/backtest.md, "Measured here")
+DTYPES = ("float32", "bfloat16")  # forward precision; float32 is exactly Monitor.scan's
+
+
+class DtypeError(MonitorError):
+    """A forward precision (``--dtype`` / ``BacktestConfig.dtype``) that is not one of :data:`DTYPES`."""
+
+
+def check_dtype(dtype: str) -> str:
+    """``dtype`` if it is one of :data:`DTYPES`, else a :class:`DtypeError` naming the option."""
+    if dtype not in DTYPES:
+        raise DtypeError(f"--dtype (BacktestConfig.dtype) must be one of {', '.join(DTYPES)}, not {dtype!r}: "
+                         "float32 matches Monitor.scan exactly, bfloat16 runs the forward under autocast")
+    return dtype
+
+
+def forward_precision(dtype: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The context a backtest forward runs in: nothing for float32, ``torch.autocast`` to
+    bfloat16 on ``device``'s type for bfloat16 (the model's weights stay as loaded)."""
+    if check_dtype(dtype) == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -149,13 +180,15 @@ class Scanner:
     ``batch_size``: forward rows per batch, at most ``max_batch_tokens`` padded tokens (rows are
     bucketed by length: :func:`monitor.runtime.scan.length_buckets`). ``one_forward=False``
     scans every turn as its own forward row (the reference; see :mod:`monitor.backtest.replay`).
+    ``dtype``: the forward's precision, one of :data:`DTYPES` (see the module doc).
     Holds the model and SAE; make one per worker.
     """
 
     def __init__(self, model: Any, tokenizer: Any, sae: SAE, policies: Sequence[CompiledPolicy],
                  catalog: Catalog | None = None, *, batch_size: int = 16, max_tokens: int | None = None,
                  max_batch_tokens: int = MAX_BATCH_TOKENS, one_forward: bool = True,
-                 include_special_tokens: bool = False) -> None:
+                 include_special_tokens: bool = False, dtype: str = "float32") -> None:
+        self.dtype = check_dtype(dtype)
         self.model, self.tokenizer, self.sae, self.catalog = model, tokenizer, sae, catalog
         self.policies = tuple(policies)
         self.encoders = [FeatureEncoder(sae, p, catalog) for p in self.policies]
@@ -199,9 +232,10 @@ class Scanner:
         ids = ids.to(self.device)
         captured: list[torch.Tensor] = []
         # unpadded: no mask, so the model keeps its fast causal attention path (see runtime.scan)
-        forward_through(self.model, {self.sae.hook_point: captured.append}, input_ids=ids,
-                        attention_mask=None if bool(attention.all()) else attention.to(self.device))
-        resid = captured[0]
+        with forward_precision(self.dtype, self.device):
+            forward_through(self.model, {self.sae.hook_point: captured.append}, input_ids=ids,
+                            attention_mask=None if bool(attention.all()) else attention.to(self.device))
+        resid = captured[0].float()  # encode in float32 on float32 inputs, outside autocast
         valid = mask & self.encoders[0].content_mask(resid)
         T = ids.shape[1]
         pos = torch.arange(T, device=self.device)

@@ -18,6 +18,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 LAYER = 2
 DATA = Path(__file__).parent / "data" / "conversations.jsonl"
 PID_DIR = Path(tempfile.gettempdir()) / "sae-monitor-backtest-test-workers"  # slow_tiny_parts' actors
+AUTOCAST_DIR = Path(tempfile.gettempdir()) / "sae-monitor-backtest-test-autocast"  # autocast_tiny_parts' forwards
 
 
 def tiny_parts() -> Parts:
@@ -129,3 +130,23 @@ def per_turn_scans(mon, conv, shadow, max_tokens: int = 1 << 30) -> tuple[dict[s
             if hit.rule_id not in first or key < first[hit.rule_id][0]:
                 first[hit.rule_id] = (key, hit.scope, hit.token_index)
     return {rule: (key[0], scope, token) for rule, (key, scope, token) in first.items()}, blocked
+
+
+def autocast_tiny_parts() -> Parts:
+    """:func:`tiny_parts` whose forwards record, in a file per process under ``AUTOCAST_DIR``,
+    the CPU autocast state they ran under (``off`` or its dtype): how a test sees what a Ray
+    actor's forward ran in."""
+    import os
+
+    AUTOCAST_DIR.mkdir(parents=True, exist_ok=True)
+    parts = tiny_parts()
+    forward = parts.model.forward
+
+    def recording(*args, **kwargs):
+        state = str(torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else "off"
+        with open(AUTOCAST_DIR / str(os.getpid()), "a") as f:
+            f.write(state + "\n")
+        return forward(*args, **kwargs)
+
+    parts.model.forward = recording
+    return parts

@@ -106,3 +106,14 @@ def test_report_escapes_text(tmp_path):
                                             "messages": [{"role": "user", "content": "<img src=x>"}]}]}]}}}
     page = render_html(summary, tmp_path / "r.html").read_text()
     assert "<script" not in page and "<img" not in page and "&lt;img src=x&gt;" in page
+
+
+def test_cli_refuses_an_unknown_dtype_in_one_line(tmp_path):
+    """``--dtype`` other than float32/bfloat16: exit 2 and one line naming the option and the
+    valid values, before the model is loaded."""
+    out, err = io.StringIO(), io.StringIO()
+    status = main(["backtest", "--data", str(DATA), "--dtype", "float16", "--no-progress",
+                   "--out", str(tmp_path / "r")], out=out, err=err)
+    assert status == 2
+    assert "--dtype" in err.getvalue() and "float32, bfloat16" in err.getvalue() and "'float16'" in err.getvalue()
+    assert "Traceback" not in err.getvalue() and not (tmp_path / "r").exists()

@@ -13,7 +13,7 @@ import pytest
 from monitor.backtest.ray_runner import ReadShard, connect, read_tasks, run_on_ray
 from monitor.backtest.read import FieldMap, record_from_json
 from monitor.backtest.run import BacktestConfig, finish, prepare, run_backtest
-from tests.backtest.helpers import (DATA, PID_DIR, quantile_threshold, rule_yaml, short_conversations, slow_tiny_parts,
+from tests.backtest.helpers import (AUTOCAST_DIR, DATA, PID_DIR, autocast_tiny_parts, quantile_threshold, rule_yaml, short_conversations, slow_tiny_parts,
                                     tiny_parts, write_jsonl, write_policy)
 
 ray = pytest.importorskip("ray", reason="ray[data] is the optional 'ray' extra: pip install 'sae-monitor[ray]'")
@@ -47,7 +47,7 @@ def config(tmp, files, cand, old, out):
 def run_ray(cfg, factory, workers=2, parts=None, on_commit=None):
     versions, store, paths = prepare(cfg, parts or tiny_parts())
     run_on_ray(paths, versions, store, factory=factory, workers=workers, batch_size=cfg.batch_size,
-               chunk_size=cfg.chunk_size, progress=on_commit)
+               chunk_size=cfg.chunk_size, progress=on_commit, dtype=cfg.dtype)
     return finish(cfg, versions, store)
 
 
@@ -114,6 +114,29 @@ def test_ray_resumes_a_run_started_locally(cluster, job):
     remote = run_ray(cfg, tiny_parts, workers=1, on_commit=lambda n, t: counted.append(n))
     assert sum(counted) == 61 - 6
     assert rounded(remote.rows) == rounded(run_backtest(config(tmp, files, cand, old, "ref"), tiny_parts()).rows)
+
+
+def test_ray_actors_run_their_forwards_at_the_requested_dtype(cluster, job):
+    """``dtype="bfloat16"`` reaches every actor: each forward an actor runs is under bfloat16
+    autocast (recorded by the actors' model), every record arrives once; an unknown dtype is
+    refused before any actor starts."""
+    import shutil
+
+    from monitor.backtest.scan import DtypeError
+
+    tmp, files, cand, old = job
+    shutil.rmtree(AUTOCAST_DIR, ignore_errors=True)
+    cfg = BacktestConfig(**{**config(tmp, files, cand, old, "bf16").__dict__, "dtype": "bfloat16"})
+    remote = run_ray(cfg, autocast_tiny_parts, workers=2)
+    keys = [r["key"] for r in remote.rows]
+    assert len(keys) == len(set(keys)) == 61 and remote.summary["dtype"] == "bfloat16"
+    actors = [f for f in AUTOCAST_DIR.glob("*") if f.name != str(os.getpid())]
+    states = [s for f in actors for s in f.read_text().split()]
+    assert actors and states and set(states) == {"torch.bfloat16"}, states
+    versions, store, paths = prepare(config(tmp, files, cand, old, "bad"), tiny_parts())
+    with pytest.raises(DtypeError, match="--dtype"):
+        run_on_ray(paths, versions, store, factory=tiny_parts, workers=1, batch_size=2, chunk_size=6,
+                   dtype="float16")
 
 
 def test_ray_with_the_default_model_matches_local(cluster, tmp_path, default_model):

@@ -153,3 +153,18 @@ def test_too_long_conversation_is_counted_and_reported_with_file_and_line(parts,
     assert (row["status"], row["problem"], row["replay"]) == ("skipped", "too_long", None)
     table = render_table(s)
     assert "skipped records: too_long 1" in table and f"{data}:4: too_long: 322 tokens" in table
+
+
+def test_dtype_is_validated_recorded_and_not_mixed_on_resume(parts, tmp_path, job):
+    """``BacktestConfig.dtype``: refused when unknown (before any work), written to run.json and
+    the summary, and a run directory of one precision is not resumed at another."""
+    from monitor.backtest.scan import DtypeError
+
+    with pytest.raises(DtypeError, match="--dtype"):
+        config(tmp_path, job, dtype="half")
+    outcome = run_backtest(config(tmp_path, job, dtype="bfloat16"), parts)
+    assert outcome.summary["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["dtype"] == "bfloat16"
+    assert sum(r["candidate_decision"] == "block" for r in outcome.rows) > 0
+    with pytest.raises(DataError, match="--dtype bfloat16"):
+        run_backtest(config(tmp_path, job), parts)

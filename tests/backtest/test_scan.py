@@ -207,3 +207,61 @@ def test_real_tokenizer_boundary_merges_fall_back_to_per_turn_and_equal_scan(tmp
         mon.close()
         shadow.close()
     assert earlier >= 1, "the block rule fires in an earlier turn of some conversation"
+
+
+def test_bfloat16_runs_the_forward_under_autocast_and_encodes_in_float32(parts, firing_policies):
+    """``dtype="bfloat16"``: the model's matmuls run in bfloat16 (autocast), the encoder gets a
+    float32 residual outside autocast, and the activations differ from float32's by rounding
+    only (same conversations, comparable values)."""
+    policy = compiled(firing_policies[0])
+    seen: dict[str, list] = {"matmul": [], "encode": []}
+    layer = parts.model.model.layers[0].mlp.down_proj
+    handle = layer.register_forward_hook(lambda m, i, o: seen["matmul"].append(o.dtype) and None)
+    try:
+        results = {}
+        for dtype in ("float32", "bfloat16"):
+            scanner = Scanner(parts.model, parts.tokenizer, parts.sae, [policy], batch_size=8, dtype=dtype)
+            encode = scanner.encoders[0].encode
+
+            def spy(resid, *a, _encode=encode, **kw):
+                seen["encode"].append((resid.dtype, torch.is_autocast_enabled("cpu")))
+                return _encode(resid, *a, **kw)
+
+            scanner.encoders[0].encode = spy  # type: ignore[method-assign]
+            seen["matmul"].clear()
+            seen["encode"].clear()
+            results[dtype] = scanner.scan(convs())
+            want = torch.float32 if dtype == "float32" else torch.bfloat16
+            assert seen["matmul"] and set(seen["matmul"]) == {want}, dtype
+            assert set(seen["encode"]) == {(torch.float32, False)}, dtype
+    finally:
+        handle.remove()
+    f32 = [(r.key, f.rule, f.turn, f.position, f.activation) for r in results["float32"] for f in r.versions[0].firings]
+    b16 = [(r.key, f.rule, f.turn, f.position, f.activation) for r in results["bfloat16"]
+           for f in r.versions[0].firings]
+    same_place = {x[:4]: x[4] for x in f32}.keys() & {x[:4]: x[4] for x in b16}.keys()
+    assert len(same_place) >= 5
+    a32, a16 = {x[:4]: x[4] for x in f32}, {x[:4]: x[4] for x in b16}
+    diffs = [abs(a32[k] - a16[k]) for k in same_place]
+    assert max(diffs) > 0, "bfloat16 rounding changed no activation: autocast did not take effect"
+    assert max(diffs) < 0.05 * max(abs(a32[k]) for k in same_place)
+
+
+def test_float32_is_the_default_and_unchanged(parts, firing_policies):
+    """An explicit ``dtype="float32"`` is the default: the same results, bit for bit (the
+    default's exactness against ``scan`` is what the tests above check)."""
+    policy = compiled(firing_policies[0])
+    default = Scanner(parts.model, parts.tokenizer, parts.sae, [policy], batch_size=8)
+    explicit = Scanner(parts.model, parts.tokenizer, parts.sae, [policy], batch_size=8, dtype="float32")
+    assert default.dtype == "float32"
+    assert default.scan(convs()) == explicit.scan(convs())
+
+
+@pytest.mark.parametrize("bad", ["float16", "bf16", "fp32", ""])
+def test_an_unknown_dtype_is_refused_naming_the_option_and_the_valid_values(parts, firing_policies, bad):
+    from monitor.backtest.scan import DtypeError
+    from monitor.errors import MonitorError
+
+    with pytest.raises(DtypeError, match=r"--dtype .*must be one of float32, bfloat16") as info:
+        Scanner(parts.model, parts.tokenizer, parts.sae, [compiled(firing_policies[0])], dtype=bad)
+    assert isinstance(info.value, MonitorError) and repr(bad) in str(info.value)
