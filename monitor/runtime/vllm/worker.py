@@ -51,6 +51,14 @@ from monitor.sae import SAE, load_sae
 MAX_UNCOLLECTED = 4096
 
 
+def residual_rows(hidden: torch.Tensor, residual: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """The residual stream (as transformers sees it) at ``rows`` of the flat batch: vLLM's
+    Llama-family layers return ``(hidden_states, residual)`` and the stream is their sum. Only
+    the monitored rows are summed, not the whole batch."""
+    picked = hidden.index_select(0, rows)
+    return picked if residual is None else picked + residual.index_select(0, rows)
+
+
 class WorkerMonitor:
     """Monitoring state of one worker; see the module docstring."""
 
@@ -184,9 +192,8 @@ class WorkerMonitor:
         first = [int(batch.num_computed_tokens_cpu[i]) for i in range(len(req_ids))]
         counts = {r: n for r, n in sched.num_scheduled_tokens.items()}
         spans = plan_step(req_ids, counts, first, {r: prompt_lens[r] for r in watched}, upto)
-        stream = hidden if residual is None else hidden + residual  # the true residual stream
         edits: dict[int, list] = {}  # row -> directives to add there
-        self._step_spans([s for s in spans if not s.replay], stream, edits)
+        self._step_spans([s for s in spans if not s.replay], hidden, residual, edits)
         for span in spans:
             if span.replay:
                 for k in range(span.length):
@@ -194,7 +201,7 @@ class WorkerMonitor:
                     if replayed:
                         edits[span.row_start + k] = replayed
         if edits:
-            self._apply(stream, hidden, edits)
+            self._apply(hidden, residual, edits)
         index = {r: i for i, r in enumerate(req_ids)}
         for r in watched:
             if self.trackers[r].stopped:
@@ -213,7 +220,8 @@ class WorkerMonitor:
                 self.trackers[r] = RequestTracker(str(extra[EXTRA_ARGS_KEY]), policy, self.encoder(policy),
                                                   int(state.num_prompt_tokens), self.spec.on_error)
 
-    def _step_spans(self, spans: list[Span], stream: torch.Tensor, edits: dict[int, list]) -> None:
+    def _step_spans(self, spans: list[Span], hidden: torch.Tensor, residual: torch.Tensor | None,
+                    edits: dict[int, list]) -> None:
         """Encode the rows of ``spans`` (one call per policy version) and step each request."""
         by_version: dict[str, list[Span]] = {}
         for span in spans:
@@ -221,8 +229,8 @@ class WorkerMonitor:
         for group in by_version.values():
             policy = self.trackers[group[0].req_id].policy
             try:
-                rows = torch.tensor([r for s in group for r in range(s.row_start, s.row_end)], device=stream.device)
-                resid = stream.index_select(0, rows)
+                rows = torch.tensor([r for s in group for r in range(s.row_start, s.row_end)], device=hidden.device)
+                resid = residual_rows(hidden, residual, rows)
                 encoder = self.encoder(policy)
                 feats = encoder.encode(resid)
                 ids = None if self._ids is None else self._ids.index_select(0, rows)
@@ -233,11 +241,11 @@ class WorkerMonitor:
                 continue
             edits.update(step_group([self.trackers[s.req_id] for s in group], group, feats, mask))
 
-    def _apply(self, stream: torch.Tensor, hidden: torch.Tensor, edits: dict[int, list]) -> None:
+    def _apply(self, hidden: torch.Tensor, residual: torch.Tensor | None, edits: dict[int, list]) -> None:
         """Add each row's steering delta to ``hidden`` in place (the next layer adds ``residual``)."""
         rows = sorted(edits)
-        index = torch.tensor(rows, device=stream.device)
-        resid = stream.index_select(0, index)
+        index = torch.tensor(rows, device=hidden.device)
+        resid = residual_rows(hidden, residual, index)
         directives = [replace(d, row=i) for i, r in enumerate(rows) for d in edits[r]]
         # steering reads only the SAE and the catalog, the same for every policy version
         delta = self.encoder(self.store.current).steer_delta(resid, directives)
