@@ -8,8 +8,9 @@ of conversations, :class:`Scanner` runs
    conversation when every turn's request is a token prefix of it, else one row per turn
    (too-long or untemplatable conversations become a Problem);
 2. one forward over a length bucket of rows (:func:`monitor.runtime.scan.length_buckets`,
-   right-padded, no attention mask when no row is padded), *stopped after the SAE's layer*
-   (:func:`monitor.capture.forward_through`): layers above it cost nothing;
+   right-padded, no attention mask when no row is padded), *stopped after the deepest layer a
+   version reads* (the SAE's, or a catalog probe's own ``layer``;
+   :func:`monitor.capture.forward_through`): layers above it cost nothing;
 3. per policy version, the live monitor's :class:`~monitor.runtime.encoder.FeatureEncoder`
    (only the watched latents and probes) and two engine steps over the whole batch: the
    ``prompt`` scope as one stream per row (every token before the row's last assistant turn,
@@ -39,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,7 @@ import torch
 
 from monitor.backtest.read import Conversation, Problem
 from monitor.backtest.replay import Replay, Row, plan
-from monitor.capture import forward_through
+from monitor.capture import HookPoint, forward_through
 from monitor.catalog import Catalog
 from monitor.errors import MonitorError
 from monitor.policy import CompiledPolicy, Hit
@@ -192,6 +193,8 @@ class Scanner:
         self.model, self.tokenizer, self.sae, self.catalog = model, tokenizer, sae, catalog
         self.policies = tuple(policies)
         self.encoders = [FeatureEncoder(sae, p, catalog) for p in self.policies]
+        # every layer a version's catalog probes read besides the SAE's (one forward serves all)
+        self.extra_layers = tuple(sorted({layer for e in self.encoders for layer in e.extra_layers}))
         self.batch_size = max(1, batch_size)
         self.max_batch_tokens = max_batch_tokens
         self.one_forward = one_forward
@@ -230,12 +233,17 @@ class Scanner:
         ids, attention = pad_batch([r.ids for r in rows], self.pad_id)
         mask = monitor_mask(ids, attention.sum(1), self._special, self.include_special_tokens).to(self.device)
         ids = ids.to(self.device)
-        captured: list[torch.Tensor] = []
+        captured: dict[HookPoint, torch.Tensor] = {}
+        points = [self.sae.hook_point] + [HookPoint(layer) for layer in self.extra_layers]
+
+        def keep(point: HookPoint) -> Callable[[torch.Tensor], None]:
+            return lambda resid: captured.__setitem__(point, resid)
         # unpadded: no mask, so the model keeps its fast causal attention path (see runtime.scan)
         with forward_precision(self.dtype, self.device):
-            forward_through(self.model, {self.sae.hook_point: captured.append}, input_ids=ids,
+            forward_through(self.model, {p: keep(p) for p in points}, input_ids=ids,
                             attention_mask=None if bool(attention.all()) else attention.to(self.device))
-        resid = captured[0].float()  # encode in float32 on float32 inputs, outside autocast
+        resid = captured[self.sae.hook_point].float()  # encode in float32 on float32 inputs, outside autocast
+        extra = {layer: captured[HookPoint(layer)].float() for layer in self.extra_layers}
         valid = mask & self.encoders[0].content_mask(resid)
         T = ids.shape[1]
         pos = torch.arange(T, device=self.device)
@@ -251,7 +259,7 @@ class Scanner:
         resp_mask = valid[s_row[:, None], gather] & (offs[None, :] < s_len[:, None])
         out: list[list[_Found]] = [[] for _ in rows]
         for policy, encoder in zip(self.policies, self.encoders):
-            feats = encoder.encode(resid)  # exactly the live monitor's columns for this version
+            feats = encoder.encode(resid, extra)  # exactly the live monitor's columns for this version
             p_hits, p_counts = _step(policy, feats, prompt_mask, "prompt")
             r_hits, r_counts = _step(policy, feats[s_row[:, None], gather], resp_mask, "response")
             zero = [0] * len(policy.rules)

@@ -265,3 +265,60 @@ def test_an_unknown_dtype_is_refused_naming_the_option_and_the_valid_values(part
     with pytest.raises(DtypeError, match=r"--dtype .*must be one of float32, bfloat16") as info:
         Scanner(parts.model, parts.tokenizer, parts.sae, [compiled(firing_policies[0])], dtype=bad)
     assert isinstance(info.value, MonitorError) and repr(bad) in str(info.value)
+
+
+def _probe_at(tmp_path, layer: int):
+    """A catalog with one probe ``t.deep`` read at ``layer`` (random direction, seeded)."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from monitor.catalog import load_catalog
+
+    weight = torch.randn(64, generator=torch.Generator().manual_seed(11))
+    save_file({"deep.weight": weight, "deep.bias": torch.tensor(0.0)}, str(tmp_path / "cat.probes.safetensors"))
+    (tmp_path / "cat.yaml").write_text(yaml.safe_dump({"sae": "tiny", "layer": 2, "features": [
+        {"name": "t.deep", "probe": "deep", "layer": layer}]}))
+    return load_catalog(tmp_path / "cat.yaml"), weight
+
+
+@pytest.mark.parametrize("layer", [3, 1])
+def test_a_probe_at_another_layer_is_read_at_that_layer_as_scan_reads_it(parts, tmp_path, layer):
+    from monitor.capture import HookPoint, capture
+    from monitor.data import token_ids
+    from monitor.policy import PolicySet, Rule
+
+    catalog, weight = _probe_at(tmp_path, layer)
+    cs = convs()
+    values = []
+    for c in cs:
+        ids = torch.tensor([token_ids(parts.tokenizer.apply_chat_template(list(c.messages), tokenize=True))])
+        values.append((capture(parts.model, ids, HookPoint(layer))[0, 1:] @ weight))
+    threshold = float(torch.quantile(torch.cat(values), 0.9))
+    rule = Rule.model_validate({"id": "deep.block", "description": "probe at another layer", "severity": "high",
+                                "when": {"feature": "t.deep", "above": threshold},
+                                "actions": [{"block": {"message": "BLOCKED"}}]})
+    policy = compile_policies(PolicySet.from_rules([rule]), catalog, d_sae=16)
+    scanner = Scanner(parts.model, parts.tokenizer, parts.sae, [policy], catalog, batch_size=8)
+    assert scanner.extra_layers == (layer,)
+    results = scanner.scan(cs)
+    mon = Monitor(parts.model, parts.tokenizer, sae=parts.sae, policies=policy, catalog=catalog, self_test=False)
+    try:
+        flagged = 0
+        for conv, res in zip(cs, results):
+            report = mon.scan(list(conv.messages))
+            hits = [h for h in report.hits if h.scope == "response"]
+            if not hits:
+                continue
+            flagged += 1
+            firing = next(f for f in res.versions[0].firings if f.rule == "deep.block")
+            if firing.turn == len(conv.messages) - 1:  # the last turn: the token and value scan saw
+                first = min(hits, key=lambda h: h.token_index)
+                assert firing.token == first.token_index
+                assert firing.activation == pytest.approx(float(first.activation), rel=1e-4, abs=1e-4)
+    finally:
+        mon.close()
+    assert flagged > 0, "the rule was built to fire on some conversations"
+    # read at the SAE's layer instead, the same direction decides differently: the layer matters
+    at_sae = [v for v in (capture(parts.model, torch.tensor([token_ids(parts.tokenizer.apply_chat_template(
+        list(c.messages), tokenize=True))]), HookPoint(2))[0, 1:] @ weight for c in cs)]
+    assert not torch.allclose(torch.cat(at_sae), torch.cat(values), atol=1e-2)
