@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-ACTS = ROOT / "runs" / "detection" / "acts"
+# DETECTION_ACTS: another activation store (e.g. a copy with one set re-extracted)
+ACTS = Path(os.environ.get("DETECTION_ACTS", ROOT / "runs" / "detection" / "acts"))
 LAYERS = (9, 12, 15, 18, 21)
 
 GROUPING = """\

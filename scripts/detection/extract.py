@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
 import sys
 import time
@@ -51,7 +52,8 @@ SHARED = ROOT.parent.parent / "shared" / "data" if (ROOT.parent.parent / "shared
 LAYERS = (9, 12, 15, 18, 21)
 CTX = 256
 CHUNK = 128
-OUT = ROOT / "runs" / "detection" / "acts"
+# DETECTION_ACTS: another activation store (e.g. a copy with one set re-extracted)
+OUT = Path(os.environ.get("DETECTION_ACTS", ROOT / "runs" / "detection" / "acts"))
 
 DEV = {  # set name: (path, rows cap)
     "dev_unsafe_sven": (SHARED / "unsafe_code/sven_pairs.jsonl", 256),
