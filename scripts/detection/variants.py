@@ -131,11 +131,14 @@ def run(A, feats, dets, cats, benign_test):
     return results
 
 
-def summary(results) -> str:
+def summary(results, sources: str | None = None) -> str:
+    """Means over the left-out sources (only those matching the regex ``sources``, if given)."""
+    import re
     out = ["| category | detector | mean AUROC | mean TPR@1% | mean pair acc |", "| --- | --- | ---: | ---: | ---: |"]
     by = defaultdict(list)
     for r in results:
-        by[(r["category"], r["detector"])].append(r)
+        if sources is None or re.search(sources, r["source"]):
+            by[(r["category"], r["detector"])].append(r)
     for (c, d), rs in by.items():
         m = lambda k: compare.fmt(float(np.nanmean([r[k] for r in rs])))  # noqa: E731
         out.append(f"| {c} | {d} | {m('auroc')} | {m('tpr1')} | {m('pair_acc')} |")
@@ -149,6 +152,9 @@ def main() -> None:
     ap.add_argument("--cats", nargs="*", default=list(compare.CATS))
     ap.add_argument("--only", nargs="*", default=None, help="recipe names to run (default: all)")
     ap.add_argument("--l2", type=float, nargs="*", default=[0.01, 1.0, 10.0])
+    ap.add_argument("--sources", default=None, help="also print the means over the left-out sources "
+                    "matching this regex (e.g. the sources of an earlier data version)")
+    ap.add_argument("--per-source", action="store_true", help="print every left-out source's cell too")
     ap.add_argument("--out", default=str(actsdb.ROOT / "runs/detection/variants.json"))
     args = ap.parse_args()
     t0 = time.time()
@@ -174,6 +180,13 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"layers {args.layers}, pool {args.pool} ({time.time() - t0:.0f} s)")
     print(summary(results))
+    if args.sources:
+        print(f"\nOnly the left-out sources matching {args.sources!r}:")
+        print(summary(results, args.sources))
+    if args.per_source:
+        for r in results:
+            print(f"{r['category']} | {r['detector']} | {r['source']} ({r['n_pos']}/{r['n_neg']}) | "
+                  f"{compare.fmt(r['auroc'])} / {compare.fmt(r['tpr1'])} / {compare.fmt(r['pair_acc'])}")
 
 
 if __name__ == "__main__":
