@@ -1,9 +1,11 @@
 """A wider layer-15 SAE with more code and dialogue in its mix (issue 14, item 5), step by step.
 
     python scripts/build_code_sae.py extract [--max-tokens N]  # activations (resumable, any prefix)
+    python scripts/build_code_sae.py train-rate  # tokens/s of training at --width, on the first shards
     python scripts/build_code_sae.py pack      # one outlier-free float16 file, memory-mapped in training
     python scripts/build_code_sae.py train     # BatchTopK 16384 x k 32 (resumable from its checkpoint)
     python scripts/build_code_sae.py heldout   # held-out corpus and code texts for sae-eval
+    python scripts/build_code_sae.py shard-heldout  # both SAEs on the held-out activation tokens
 
 Same model (SmolLM2-135M-Instruct, bfloat16 for extraction) and hook (layer 15 resid_post) as the
 shipped SAE (scripts/build_default_sae.py, whose helpers this imports). The mix keeps the default's
@@ -263,6 +265,28 @@ def train(d_sae: int, epochs: float) -> None:
     print(json.dumps(recon), file=sys.stderr)
 
 
+def shard_heldout(other: str = "default") -> None:
+    """Both SAEs on the same held-out activation tokens of this mix (the last HELD_OUT_TOKENS)."""
+    from monitor.sae import load_sae
+
+    held = torch.from_numpy(np.load(WORK / "packed.npy", mmap_mode="r")[-HELD_OUT_TOKENS:].astype(np.float32))
+    out = {name: evaluate_reconstruction(load_sae(path), held) for name, path in
+           (("new", str(WORK / "sae")), (other, other))}
+    (WORK / "shard_heldout_both.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps(out))
+
+
+def train_rate(d_sae: int, steps: int = 40) -> None:
+    """Tokens/s of training at this width, on the first extracted shards (nothing saved)."""
+    acts = load_activations(WORK / "acts" / f"L{LAYER}_resid_post", max_tokens=200_000)
+    cfg = TrainConfig(d_sae=d_sae, k=32, epochs=steps * TrainConfig().batch_tokens / len(acts), dead_tokens=500_000)
+    started = time.time()
+    _, summary = train_sae(acts, cfg, log_every=10)
+    wall = time.time() - started
+    print(json.dumps({"d_sae": d_sae, "steps": summary["steps"], "wall_s": round(wall, 1),
+                      "tokens_per_s": round(summary["tokens"] / wall), "last": summary["history"][-1]}))
+
+
 def write_heldout(tokenizer, n_code: int = 100) -> None:
     """The default card's held-out corpus texts, and n_code windows of held-out code files."""
     default.WORK = WORK
@@ -290,7 +314,7 @@ def write_heldout(tokenizer, n_code: int = 100) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("step", choices=["extract", "pack", "train", "heldout"])
+    parser.add_argument("step", choices=["extract", "pack", "train", "train-rate", "heldout", "shard-heldout"])
     parser.add_argument("--max-tokens", type=int, default=0, help="extract only a prefix of about N tokens")
     parser.add_argument("--width", type=int, default=16384)
     parser.add_argument("--epochs", type=float, default=1.0)
@@ -301,6 +325,12 @@ def main() -> None:
         return
     if args.step == "train":
         train(args.width, args.epochs)
+        return
+    if args.step == "shard-heldout":
+        shard_heldout()
+        return
+    if args.step == "train-rate":
+        train_rate(args.width)
         return
     model, tokenizer = load_default_model()
     if args.step == "extract":
