@@ -13,6 +13,7 @@ dialogues from ``../shared/data``), cut by :func:`monitor.evaluation.items.eval_
 * ``scan, one at a time``: ``Monitor.scan`` per item, the path ``eval`` took (a full forward of
   the whole model at batch 1, then the policy engine);
 * ``scan_many, batched``: ``Monitor.scan_many(items, batch_size)``, when the monitor has it;
+* ``scan_many, batched, bfloat16``: the same with ``dtype="bfloat16"`` (``eval --dtype bfloat16``);
 * ``extraction, batched``: the watched latents' peaks over each item's scan scope through
   :func:`monitor.activations.pool_windows` (what discover, probes and the eval baselines use),
   length-bucketed, right-padded batches of ``--batch-size``, the forward stopped after the SAE's
@@ -127,10 +128,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return [monitor.scan(items[i].transcript if isinstance(items[i].transcript, str)
                              else list(items[i].transcript), prompt=items[i].prompt) for i in chunk]
 
-    def scan_many(chunk: list[int]) -> list[Any]:
-        return monitor.scan_many([ScanItem(items[i].transcript if isinstance(items[i].transcript, str)
-                                           else list(items[i].transcript), items[i].prompt) for i in chunk],
-                                 batch_size=args.batch_size)
+    def scan_many(dtype: str) -> Callable[[list[int]], list[Any]]:
+        def run(chunk: list[int]) -> list[Any]:
+            return monitor.scan_many([ScanItem(items[i].transcript if isinstance(items[i].transcript, str)
+                                               else list(items[i].transcript), items[i].prompt) for i in chunk],
+                                     batch_size=args.batch_size, dtype=dtype)
+        return run
 
     def extract(batch_size: int) -> Callable[[list[int]], torch.Tensor]:
         def run(chunk: list[int]) -> torch.Tensor:
@@ -140,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     modes: dict[str, Callable[[list[int]], Any]] = {"scan, one at a time": scan}
     if hasattr(monitor, "scan_many"):
-        modes["scan_many, batched"] = scan_many
+        modes["scan_many, batched"] = scan_many("float32")
+        modes["scan_many, batched, bfloat16"] = scan_many("bfloat16")
     if args.all_modes:
         modes["extraction, one at a time"] = extract(1)
     modes["extraction, batched"] = extract(args.batch_size)

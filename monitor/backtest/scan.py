@@ -37,7 +37,6 @@ backtest and a ``scan`` at the same precision (docs/backtest.md, "Precision").
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -50,35 +49,15 @@ from monitor.backtest.read import Conversation, Problem
 from monitor.backtest.replay import Replay, Row, plan
 from monitor.capture import HookPoint, forward_through
 from monitor.catalog import Catalog
-from monitor.errors import MonitorError
 from monitor.policy import CompiledPolicy, Hit
 from monitor.runtime.encoder import FeatureEncoder
-from monitor.runtime.scan import length_buckets, monitor_mask, pad_batch
+from monitor.runtime.scan import DTYPES, DtypeError, check_dtype, forward_precision, length_buckets, monitor_mask, pad_batch
 from monitor.sae import SAE
 
 DECISIONS = ("block", "steer", "alert", "log", "allow")  # most to least severe
+__all__ = ["DTYPES", "DtypeError", "Firing", "ScanResult", "Scanner", "VersionResult", "check_dtype", "decide",
+           "forward_precision", "messages_digest", "rule_action"]
 MAX_BATCH_TOKENS = 4096  # padded tokens per forward (see docs/backtest.md, "Measured here")
-DTYPES = ("float32", "bfloat16")  # forward precision; float32 is exactly Monitor.scan's
-
-
-class DtypeError(MonitorError):
-    """A forward precision (``--dtype`` / ``BacktestConfig.dtype``) that is not one of :data:`DTYPES`."""
-
-
-def check_dtype(dtype: str) -> str:
-    """``dtype`` if it is one of :data:`DTYPES`, else a :class:`DtypeError` naming the option."""
-    if dtype not in DTYPES:
-        raise DtypeError(f"--dtype (BacktestConfig.dtype) must be one of {', '.join(DTYPES)}, not {dtype!r}: "
-                         "float32 matches Monitor.scan exactly, bfloat16 runs the forward under autocast")
-    return dtype
-
-
-def forward_precision(dtype: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """The context a backtest forward runs in: nothing for float32, ``torch.autocast`` to
-    bfloat16 on ``device``'s type for bfloat16 (the model's weights stay as loaded)."""
-    if check_dtype(dtype) == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 @dataclass(frozen=True)

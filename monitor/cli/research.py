@@ -91,6 +91,9 @@ def add_parser(subparsers: Subparsers, parents: Parents) -> None:
                      help="also fit the residual probe on all groups of FIELD but one and score the one left out")
     evl.add_argument("--items", action="store_true", help="with --json: include per-item scores and decisions")
     evl.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    evl.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                     help="precision of the forward passes: float32 (default) is the live monitor's; bfloat16 "
+                          "runs them under autocast, 2-3x faster on CPUs with native bfloat16 and on GPUs")
     evl.set_defaults(func=cmd_eval)
 
 
@@ -266,5 +269,5 @@ def cmd_eval(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                    items=args.items, progress=progress_line(err, "items", args.no_progress),
                    group_by=None if args.group_by.lower() == "none" else args.group_by,
                    leave_one_out=args.leave_one_out, benign=args.benign,
-                   batch_size=args.batch_size), end="", file=out)
+                   batch_size=args.batch_size, dtype=args.dtype), end="", file=out)
     return 0

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from monitor.activations import Progress
+from monitor.runtime.scan import check_dtype, forward_precision
 from monitor.errors import DataError
 from monitor.evaluation import baselines
 from monitor.evaluation.items import EvalItem, as_eval_items, check_group_key, group_of
@@ -118,9 +119,9 @@ class _Row:
 
 
 def scan_reports(monitor: Any, items: Sequence[EvalItem], *, batch_size: int = 8,
-                 progress: Progress | None = None) -> list[tuple[Any, str | None]]:
+                 progress: Progress | None = None, dtype: str = "float32") -> list[tuple[Any, str | None]]:
     """``(report, error)`` per item from the monitor's batched teacher-forced scan
-    (``Monitor.scan_many``; error: why the monitor failed open or refused, else None)."""
+    (``Monitor.scan_many`` at ``dtype``; error: why the monitor failed open or refused, else None)."""
     from monitor.runtime.scan import ScanItem
 
     scan_items = [ScanItem(item.transcript if isinstance(item.transcript, str) else list(item.transcript),
@@ -133,7 +134,7 @@ def scan_reports(monitor: Any, items: Sequence[EvalItem], *, batch_size: int = 8
         if progress:
             progress(done, len(items))
 
-    reports = monitor.scan_many(scan_items, batch_size=batch_size, progress=advance)
+    reports = monitor.scan_many(scan_items, batch_size=batch_size, progress=advance, dtype=dtype)
     return [(r, r.error if (r.error and (r.failed_open or r.outcome == "error")) else None) for r in reports]
 
 
@@ -159,7 +160,8 @@ def evaluate(monitor: Any, items: Sequence[EvalItem | Mapping[str, Any]], *,
              train_items: Sequence[EvalItem | Mapping[str, Any]] | None = None,
              benign_items: Sequence[EvalItem | Mapping[str, Any]] = (),
              group_by: str | None = "source", leave_one_out: str | None = None,
-             progress: Progress | None = None, probe_l2: float = 1e-2, batch_size: int = 8) -> EvalResult:
+             progress: Progress | None = None, probe_l2: float = 1e-2, batch_size: int = 8,
+             dtype: str = "float32") -> EvalResult:
     """Scan every item with ``monitor`` and measure detection per category (and per group).
 
     ``items``: :class:`EvalItem` or rows of the labeled-data format. ``policy_set`` (optional):
@@ -168,11 +170,13 @@ def evaluate(monitor: Any, items: Sequence[EvalItem | Mapping[str, Any]], *,
     probe fitted on all groups of a category but one and scored on that one. ``benign_items``
     (label ignored) add TPR at 1% benign FPR and the benign flag rate. ``group_by`` reports
     every measure per value of that field too. ``progress(done, total)`` counts items over all
-    phases.
+    phases. ``dtype``: the precision of every forward (``Monitor.scan_many``'s; ``bfloat16`` is
+    2-3x faster on CPUs with native bfloat16, with activations off by bfloat16 rounding).
     """
     for key, option in ((group_by, "group_by"), (leave_one_out, "leave_one_out")):
         if key is not None:
             check_group_key(key, option)
+    check_dtype(dtype)
     tokenizer = monitor.tokenizer
     items = as_eval_items(items, tokenizer)
     benign = as_eval_items(benign_items, tokenizer, "benign item")
@@ -186,7 +190,7 @@ def evaluate(monitor: Any, items: Sequence[EvalItem | Mapping[str, Any]], *,
     dense = train is not None or leave_one_out is not None
     steps = _Steps(progress, len(items) + len(benign)
                    + (len(items) + len(benign) + len(train or [])) * dense)
-    scanned = scan_reports(monitor, [*items, *benign], batch_size=batch_size, progress=steps.part())
+    scanned = scan_reports(monitor, [*items, *benign], batch_size=batch_size, progress=steps.part(), dtype=dtype)
     rows = [_row(report, error, policy, scorer) for report, error in scanned]
     enforce = torch.tensor([r.mode == "enforce" for r in policy.rules], dtype=torch.bool)
     in_response = torch.tensor([r.scope in ("response", "both") for r in policy.rules], dtype=torch.bool)
@@ -197,13 +201,14 @@ def evaluate(monitor: Any, items: Sequence[EvalItem | Mapping[str, Any]], *,
     notes: list[str] = []
     cat_notes: dict[str, list[str]] = {c: [] for c in by_category}
     if dense:
-        x = baselines.pooled_features(monitor.model, tokenizer, monitor.point, items, batch_size=batch_size,
-                                      progress=steps.part())
-        benign_x = baselines.pooled_features(monitor.model, tokenizer, monitor.point, benign,
-                                             batch_size=batch_size, progress=steps.part()) if benign else None
-        if train is not None:
-            train_x = baselines.pooled_features(monitor.model, tokenizer, monitor.point, train,
-                                                batch_size=batch_size, progress=steps.part())
+        with forward_precision(dtype, next(monitor.model.parameters()).device):
+            x = baselines.pooled_features(monitor.model, tokenizer, monitor.point, items, batch_size=batch_size,
+                                          progress=steps.part()).float()
+            benign_x = baselines.pooled_features(monitor.model, tokenizer, monitor.point, benign, batch_size=batch_size,
+                                                 progress=steps.part()).float() if benign else None
+            train_x = baselines.pooled_features(monitor.model, tokenizer, monitor.point, train, batch_size=batch_size,
+                                                progress=steps.part()).float() if train is not None else None
+        if train is not None and train_x is not None:
             _train_probe(detections, items, train, x, train_x, benign_x, probe_l2, cat_notes)
         if leave_one_out is not None:
             _loso_probe(detections, items, x, benign_x, leave_one_out, probe_l2, cat_notes)

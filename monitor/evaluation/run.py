@@ -11,6 +11,7 @@ from monitor.evaluation.harness import evaluate
 from monitor.evaluation.items import load_eval_items
 from monitor.evaluation.render import render_json, render_markdown
 from monitor.policy import PolicySet
+from monitor.runtime.scan import check_dtype
 
 
 def monitor_for_eval(policies: str | Path | None = None, *, sae: str | Path = "default",
@@ -39,14 +40,15 @@ def run_eval(data: str | Path, *, policies: str | Path | None = None, train: str
              catalog: str | Path | None = None, as_json: bool = False, items: bool = False,
              progress: Progress | bool | None = None, group_by: str | None = "source",
              leave_one_out: str | None = None, benign: str | Path | None = None,
-             batch_size: int = 8) -> str:
+             batch_size: int = 8, dtype: str = "float32") -> str:
     """What ``sae-monitor eval`` prints: load, scan, measure, render.
 
     ``group_by`` (``--group-by``), ``leave_one_out`` (``--leave-one-out FIELD``) and ``benign``
     (``--benign PATH``: a JSONL of ordinary traffic, e.g. from :mod:`monitor.evaluation.benign`)
-    are passed to :func:`evaluate`. ``progress``: a ``(done, total)`` callback; a bool (the
+    and ``dtype`` (``--dtype``) are passed to :func:`evaluate`. ``progress``: a ``(done, total)`` callback; a bool (the
     old signature) means no progress.
     """
+    check_dtype(dtype)  # before loading the model
     for path in (data, train, benign):
         if path is not None and not Path(path).is_file():
             raise DataError(f"{path}: no such file")
@@ -58,7 +60,7 @@ def run_eval(data: str | Path, *, policies: str | Path | None = None, train: str
         benign_items = load_eval_items(benign, monitor.tokenizer, label=0) if benign else ()
         result = evaluate(monitor, test, policy_set=policy_set, train_items=train_items,
                           benign_items=benign_items, group_by=group_by, leave_one_out=leave_one_out,
-                          progress=callback, batch_size=batch_size)
+                          progress=callback, batch_size=batch_size, dtype=dtype)
     finally:
         monitor.close()
     if as_json:

@@ -218,14 +218,18 @@ class Monitor:
         return self.scan_many([ScanItem(text, prompt)], batch_size=1, refuse=True)[0]
 
     def scan_many(self, items: Sequence[Scannable], *, batch_size: int = 16, max_batch_tokens: int = 1024,
-                  progress: Callable[[int], Any] | None = None, refuse: bool = False) -> list[Report]:
+                  progress: Callable[[int], Any] | None = None, refuse: bool = False,
+                  dtype: str = "float32") -> list[Report]:
         """Scan many transcripts (strings, chat messages or :class:`ScanItem`), batched by
         length, the forward stopped after the SAE's layer; one report per item, in order,
         equal to scanning each alone. A failing item's report has ``error`` set (with
         ``refuse=True`` a fail-closed monitor raises instead). ``progress(n)`` is called
-        after every batch with the number of items done in it."""
+        after every batch with the number of items done in it. ``dtype="bfloat16"`` runs the
+        forward under autocast (2-3x faster on CPUs with native bfloat16 and on GPUs; the SAE
+        and probes still encode in float32, activations differ by bfloat16 rounding); any other
+        value than ``float32`` / ``bfloat16`` raises :class:`~monitor.runtime.scan.DtypeError`."""
         return scan_transcripts(self, items, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                                progress=progress, refuse=refuse)
+                                progress=progress, refuse=refuse, dtype=dtype)
 
     def _prompt_ids(self, prompt: str | Sequence[dict[str, str]] | torch.Tensor) -> torch.Tensor:
         if isinstance(prompt, torch.Tensor):

@@ -321,3 +321,36 @@ def test_a_scope_mean_rule_is_scored_on_the_mean_over_the_scope(tmp_path, tiny_t
         for p, r in PAIRS]).double())
     assert [i.flagged for i in items] == (run_t[:, latent] > threshold).tolist()
     mon.close()
+
+
+def test_bfloat16_evaluates_under_autocast_close_to_float32(tmp_path, tiny_tokenizer):
+    """``evaluate(dtype="bfloat16")`` (``sae-monitor eval --dtype bfloat16``): every forward, the
+    policy scan and the dense probes' pooling, runs under autocast; the measures stay close."""
+    model, sae = tiny_model("llama"), make_sae()
+    mon, policy_set = monitor_with(tmp_path, model, tiny_tokenizer, sae, rule("unsafe_code.any", "{latent: 3, above: 0.05}"))
+    rows = transfer_rows()
+    seen: list[bool] = []
+    handle = model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        exact = evaluate(mon, rows, policy_set=policy_set, benign_items=BENIGN, leave_one_out="source")
+        assert seen and not any(seen)
+        seen.clear()
+        fast = evaluate(mon, rows, policy_set=policy_set, benign_items=BENIGN, leave_one_out="source",
+                        dtype="bfloat16")
+        assert seen and all(seen)  # scan and pooled features alike
+    finally:
+        handle.remove()
+        mon.close()
+    for a, b in zip(exact.categories[0].measures, fast.categories[0].measures):
+        assert a.scorer == b.scorer and a.n == b.n
+        if a.auroc is not None:
+            assert b.auroc == pytest.approx(a.auroc, abs=0.15)
+
+
+def test_run_eval_refuses_an_unknown_dtype_before_loading_anything(tmp_path):
+    from monitor.evaluation.run import run_eval
+    from monitor.runtime.scan import DtypeError
+
+    with pytest.raises(DtypeError, match="--dtype"):
+        run_eval(tmp_path / "missing.jsonl", model=str(tmp_path / "no-model"), dtype="float16")

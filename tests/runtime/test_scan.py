@@ -65,3 +65,53 @@ def test_batched_scan_equals_one_at_a_time_on_the_default_model(default_model):
         assert_same_report(report, mon.scan(item))
     assert all(r.tokens_monitored["response"] > 0 for r in batched)
     mon.close()
+
+
+def _autocast_probe(model):
+    """Record, for every q_proj call, whether CPU autocast to bfloat16 was on."""
+    seen: list[bool] = []
+    layer = model.model.layers[0].self_attn.q_proj
+    handle = layer.register_forward_hook(lambda *_: seen.append(
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16))
+    return seen, handle
+
+
+def test_scan_many_bfloat16_runs_the_forward_under_autocast_and_stays_close(tiny_tokenizer):
+    policy = compiled_policy(rule_yaml(above=0.02, actions="[log, {block: {message: STOP}}]"))
+    model = tiny_model("llama")
+    mon = Monitor(model, tiny_tokenizer, sae=tied_sae(), policies=policy, self_test=False)
+    items = [ScanItem(t) for t in TEXTS]
+    seen, handle = _autocast_probe(model)
+    try:
+        exact = mon.scan_many(items, batch_size=4)
+        assert seen and not any(seen), "float32 (the default) must not autocast"
+        seen.clear()
+        fast = mon.scan_many(items, batch_size=4, dtype="bfloat16")
+        assert seen and all(seen)
+    finally:
+        handle.remove()
+        mon.close()
+    for a, b in zip(exact, fast):
+        assert a.tokens_monitored == b.tokens_monitored
+        for scope in a.peaks:
+            assert b.peaks[scope].dtype == torch.float32  # encoded in float32
+            assert torch.allclose(a.peaks[scope], b.peaks[scope], rtol=5e-2, atol=5e-2)
+            assert not torch.equal(a.peaks[scope], b.peaks[scope]) or not a.peaks[scope].any()
+
+
+def test_scan_many_refuses_an_unknown_dtype_before_any_forward(tiny_tokenizer):
+    from monitor.errors import MonitorError
+    from monitor.runtime.scan import DtypeError
+
+    model = tiny_model("llama")
+    mon = Monitor(model, tiny_tokenizer, sae=tied_sae(), policies=compiled_policy(rule_yaml(above=0.02)),
+                  self_test=False)
+    seen, handle = _autocast_probe(model)
+    try:
+        with pytest.raises(DtypeError, match=r"--dtype .*must be one of float32, bfloat16, not 'float16'") as info:
+            mon.scan_many([ScanItem(TEXTS[0])], dtype="float16")
+        assert isinstance(info.value, MonitorError)
+        assert seen == []
+    finally:
+        handle.remove()
+        mon.close()
