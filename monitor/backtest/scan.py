@@ -51,7 +51,8 @@ from monitor.capture import HookPoint, forward_through
 from monitor.catalog import Catalog
 from monitor.policy import CompiledPolicy, Hit
 from monitor.runtime.encoder import FeatureEncoder
-from monitor.runtime.scan import DTYPES, DtypeError, check_dtype, forward_precision, length_buckets, monitor_mask, pad_batch
+from monitor.runtime.scan import (DTYPES, DtypeError, check_dtype, forward_precision, length_buckets, monitor_mask,
+                                  pad_batch)
 from monitor.sae import SAE
 
 DECISIONS = ("block", "steer", "alert", "log", "allow")  # most to least severe

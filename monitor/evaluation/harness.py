@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from monitor.activations import Progress
-from monitor.runtime.scan import check_dtype, forward_precision
 from monitor.errors import DataError
 from monitor.evaluation import baselines
 from monitor.evaluation.items import EvalItem, as_eval_items, check_group_key, group_of
@@ -34,6 +33,7 @@ from monitor.evaluation.measures import Detection, Measures
 from monitor.evaluation.scoring import RuleScorer, check_policy_set, rule_categories
 from monitor.evaluation.transfer import leave_one_group_out
 from monitor.policy import CompiledPolicy, PolicySet
+from monitor.runtime.scan import ScanItem, check_dtype, forward_precision
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,6 @@ def scan_reports(monitor: Any, items: Sequence[EvalItem], *, batch_size: int = 8
                  progress: Progress | None = None, dtype: str = "float32") -> list[tuple[Any, str | None]]:
     """``(report, error)`` per item from the monitor's batched teacher-forced scan
     (``Monitor.scan_many`` at ``dtype``; error: why the monitor failed open or refused, else None)."""
-    from monitor.runtime.scan import ScanItem
-
     scan_items = [ScanItem(item.transcript if isinstance(item.transcript, str) else list(item.transcript),
                            item.prompt) for item in items]
     done = 0

@@ -43,10 +43,10 @@ def run_eval(data: str | Path, *, policies: str | Path | None = None, train: str
              batch_size: int = 8, dtype: str = "float32") -> str:
     """What ``sae-monitor eval`` prints: load, scan, measure, render.
 
-    ``group_by`` (``--group-by``), ``leave_one_out`` (``--leave-one-out FIELD``) and ``benign``
+    ``group_by`` (``--group-by``), ``leave_one_out`` (``--leave-one-out FIELD``), ``benign``
     (``--benign PATH``: a JSONL of ordinary traffic, e.g. from :mod:`monitor.evaluation.benign`)
-    and ``dtype`` (``--dtype``) are passed to :func:`evaluate`. ``progress``: a ``(done, total)`` callback; a bool (the
-    old signature) means no progress.
+    and ``dtype`` (``--dtype``, checked before the model loads) are passed to :func:`evaluate`.
+    ``progress``: a ``(done, total)`` callback; a bool (the old signature) means no progress.
     """
     check_dtype(dtype)  # before loading the model
     for path in (data, train, benign):
