@@ -47,30 +47,6 @@ def max_pool(sae, tok: np.ndarray, offsets: np.ndarray, rows_per_batch: int = 64
     return out
 
 
-def loso(D: compare.Detectors, detectors: dict, cats, benign_test: np.ndarray, label: str) -> list[dict]:
-    """compare.py's leave-one-source-out protocol, for the given detectors only."""
-    meta, results = D.meta, []
-    for c in cats:
-        rows = np.array([i for i, m in enumerate(meta) if m["category"] == c])
-        groups = sorted({meta[i]["group"] for i in rows})
-        trainable = [g for g in groups if len({meta[i]["label"] for i in rows if meta[i]["group"] == g}) == 2]
-        for name, det in detectors.items():
-            for g in groups:
-                test = rows[[meta[i]["group"] == g for i in rows]]
-                train = rows[[meta[i]["group"] != g and meta[i]["group"] in trainable for i in rows]]
-                score = det(train)
-                s_test, s_ben = score(test), score(benign_test)
-                y = np.array([meta[i]["label"] for i in test])
-                pos, neg = s_test[y == 1], s_test[y == 0]
-                au = compare.auroc(pos, neg) if len(neg) else compare.auroc(pos, s_ben)
-                results.append({"category": c, "detector": f"{label}: {name}", "fit": "all other sources",
-                                "source": g, "n_pos": int((y == 1).sum()), "n_neg": int((y == 0).sum()),
-                                "auroc": au, "tpr1": compare.tpr_at(pos, s_ben),
-                                "pair_acc": compare.pair_acc(s_test, meta, test)})
-            print(f"{label} {c}: {name}", file=sys.stderr, flush=True)
-    return results
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sae", required=True, help="directory of the SAE to compare with the shipped one")
@@ -107,7 +83,7 @@ def main() -> None:
         dets = {"best latent (chosen on train)": D.best_latent(),
                 "sparse probe (top-32 latents, max-pooled)": D.sae_sparse(),
                 "sparse probe + benign negatives": D.plus_benign(D.sae_sparse())}
-        results += loso(D, dets, args.cats, benign_test, label)
+        results += compare.loso(D.meta, dets, args.cats, benign_test, f"{label}: ")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"check": check, "results": results}, indent=1))
     print(json.dumps(check))

@@ -109,28 +109,6 @@ class Recipes:
         return fit
 
 
-def run(A, feats, dets, cats, benign_test):
-    meta = A.meta
-    results = []
-    for c in cats:
-        rows = np.array([i for i, m in enumerate(meta) if m["category"] == c])
-        groups = sorted({meta[i]["group"] for i in rows})
-        trainable = [g for g in groups if len({meta[i]["label"] for i in rows if meta[i]["group"] == g}) == 2]
-        for name, det in dets.items():
-            for g in groups:
-                test = rows[[meta[i]["group"] == g for i in rows]]
-                train = rows[[meta[i]["group"] != g and meta[i]["group"] in trainable for i in rows]]
-                score = det(train)
-                s_test, s_ben = score(test), score(benign_test)
-                y = np.array([meta[i]["label"] for i in test])
-                pos, neg = s_test[y == 1], s_test[y == 0]
-                results.append({"category": c, "detector": name, "fit": "all other sources", "source": g,
-                                "n_pos": int((y == 1).sum()), "n_neg": int((y == 0).sum()),
-                                "auroc": compare.auroc(pos, neg) if len(neg) else compare.auroc(pos, s_ben),
-                                "tpr1": compare.tpr_at(pos, s_ben), "pair_acc": compare.pair_acc(s_test, meta, test)})
-    return results
-
-
 def summary(results, sources: str | None = None) -> str:
     """Means over the left-out sources (only those matching the regex ``sources``, if given)."""
     import re
@@ -174,7 +152,7 @@ def main() -> None:
     if args.only:
         dets = {k: v for k, v in dets.items() if k in args.only}
     benign_test = np.array([i for i, m in enumerate(A.meta) if m["category"] == "benign" and actsdb.benign_half(m) == "test"])
-    results = run(A, feats, dets, args.cats, benign_test)
+    results = compare.loso(A.meta, dets, args.cats, benign_test)
     for r in results:
         r.update(layers=args.layers, pool=args.pool)
     Path(args.out).write_text(json.dumps(results, indent=1))
