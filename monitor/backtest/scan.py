@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -215,12 +216,9 @@ class Scanner:
         ids = ids.to(self.device)
         captured: dict[HookPoint, torch.Tensor] = {}
         points = [self.sae.hook_point] + [HookPoint(layer) for layer in self.extra_layers]
-
-        def keep(point: HookPoint) -> Callable[[torch.Tensor], None]:
-            return lambda resid: captured.__setitem__(point, resid)
         # unpadded: no mask, so the model keeps its fast causal attention path (see runtime.scan)
         with forward_precision(self.dtype, self.device):
-            forward_through(self.model, {p: keep(p) for p in points}, input_ids=ids,
+            forward_through(self.model, {p: partial(captured.__setitem__, p) for p in points}, input_ids=ids,
                             attention_mask=None if bool(attention.all()) else attention.to(self.device))
         resid = captured[self.sae.hook_point].float()  # encode in float32 on float32 inputs, outside autocast
         extra = {layer: captured[HookPoint(layer)].float() for layer in self.extra_layers}

@@ -203,8 +203,6 @@ def read_residuals(monitor: Monitor, ids: torch.Tensor, attention: torch.Tensor,
     if missing:
         raise UnsupportedModelError(f"the scan's forward pass never reached layer(s) {missing} that "
                                     "the policy's probes read; check the catalog's 'layer' values")
-    if dtype == "float32":
-        return capture.resid, capture.extra
     return capture.resid.float(), {layer: x.float() for layer, x in capture.extra.items()}
 
 

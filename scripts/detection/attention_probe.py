@@ -107,31 +107,19 @@ def main() -> None:
     calib = np.array([i for i, m in enumerate(meta) if m["category"] == "benign" and actsdb.benign_half(m) == "calib"])
     benign_test = np.array([i for i, m in enumerate(meta) if m["category"] == "benign" and actsdb.benign_half(m) == "test"])
     results = []
-    for c in args.cats:
-        rows = np.array([i for i, m in enumerate(meta) if m["category"] == c])
-        groups = sorted({meta[i]["group"] for i in rows})
-        trainable = [g for g in groups if len({meta[i]["label"] for i in rows if meta[i]["group"] == g}) == 2]
-        for benign in (False, True):
-            name = f"dense L{args.layer} attention-pool" + (" + benign negatives" if benign else "")
-            for g in groups:
-                test = rows[[meta[i]["group"] == g for i in rows]]
-                train = rows[[meta[i]["group"] != g and meta[i]["group"] in trainable for i in rows]]
-                if benign:
-                    train = np.concatenate([train, calib])
-                score = fit_attention(T, meta, y, pooled, train, args.steps, args.l2)
-                s_test, s_ben = score(test), score(benign_test)
-                yt = y[test]
-                pos, neg = s_test[yt == 1], s_test[yt == 0]
-                results.append({"category": c, "detector": name, "fit": "all other sources", "source": g,
-                                "n_pos": int((yt == 1).sum()), "n_neg": int((yt == 0).sum()),
-                                "auroc": compare.auroc(pos, neg) if len(neg) else compare.auroc(pos, s_ben),
-                                "tpr1": compare.tpr_at(pos, s_ben), "pair_acc": compare.pair_acc(s_test, meta, test)})
-            rs = [r for r in results if r["detector"] == name and r["category"] == c]
+    for benign in (False, True):
+        name = f"dense L{args.layer} attention-pool" + (" + benign negatives" if benign else "")
+
+        def fit(train: np.ndarray, benign: bool = benign):
+            return fit_attention(T, meta, y, pooled, np.concatenate([train, calib]) if benign else train,
+                                 args.steps, args.l2)
+        for c in args.cats:
+            rs = compare.loso(meta, {name: fit}, [c], benign_test)
+            results += rs
             print(f"[{time.time() - t0:.0f}s] {c} {name}: mean AUROC {np.nanmean([r['auroc'] for r in rs]):.2f} "
                   f"TPR@1% {np.nanmean([r['tpr1'] for r in rs]):.2f} pair acc {np.nanmean([r['pair_acc'] for r in rs]):.2f}",
                   flush=True)
             Path(args.out).write_text(json.dumps(results, indent=1))
-
 
 if __name__ == "__main__":
     main()
