@@ -30,11 +30,25 @@ print(json.dumps({"policies": str(policies), "sae": str(sae.cfg.d_sae),
 """
 
 
+def _copy_checkout(target: Path) -> None:
+    """Copy the files git would give a fresh clone (tracked, or new and not ignored), never the ignored
+    virtual environments and caches: ``.venv-vllm`` alone is gigabytes and once filled CI's disk."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, check=False)
+    if listed.returncode != 0:  # not a git checkout (an unpacked sdist): copy all but the usual litter
+        shutil.copytree(ROOT, target, ignore=shutil.ignore_patterns(
+            ".venv*", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis"))
+        return
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        if (ROOT / name).is_file():  # a deleted but still tracked file is listed too
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target / name)
+
+
 def test_the_wheel_ships_the_sae_catalog_and_policies(tmp_path):
     # Build from a copy: setuptools reuses an in-tree build/ and could package stale files.
     source = tmp_path / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+    _copy_checkout(source)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True,
                            timeout=300, check=False)
