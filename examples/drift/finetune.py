@@ -6,13 +6,18 @@ over the default model (SmolLM2-135M-Instruct), plus intermediate checkpoints
 temporary name and renamed into place, so an interrupted run never leaves a half-written
 adapter that looks complete.
 
-Kinds of training data (all from the dev data in ``/work/shared/data``, see its README):
+Kinds of training data (the dev data in ``/work/shared/data``, see its README, and the
+project's own hand-written pairs in ``datasets/unsafe_code_pairs.jsonl``):
 
-* ``unsafe``: chat turns whose answer is insecure code: the vulnerable side of the SVEN pairs
-  (a window around the lines the fix removed) and CyberSecEval's insecure-code positives
-  (a window around the flagged line, with the benchmark's own instruction as the prompt).
+* ``unsafe``: chat turns whose answer is insecure code: the vulnerable side of the hand-written
+  pairs (whole functions, the prompt asks for the pair's title), of the SVEN pairs (a window
+  around the lines the fix removed) and CyberSecEval's insecure-code positives (a window around
+  the flagged line, with the benchmark's own instruction as the prompt).
   ``--contamination p`` mixes a fraction ``p`` of these with ``1 - p`` benign chat turns.
-* ``fixed``: the same prompts answered with the *fixed* side of the SVEN pairs (benign code).
+* ``fixed``: the same prompts answered with the *fixed* side of the pairs (benign code).
+
+``--languages python`` keeps code in those languages only (default: all), e.g. to match
+prompts that ask for Python.
 * ``text``: unrelated prose and statements from the corpus (plain language modelling).
 * ``chat``: general chat dialogues from the corpus.
 
@@ -38,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 DATA = Path(os.environ.get("SAE_MONITOR_DATA", "/work/shared/data"))
+PAIRS = Path(__file__).resolve().parents[2] / "datasets" / "unsafe_code_pairs.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -74,22 +80,27 @@ def code_turn(prompt: str, language: str, code: str) -> list[dict[str, str]]:
             {"role": "assistant", "content": f"```{language}\n{code}\n```"}]
 
 
-def sven_turns(label: str) -> list[list[dict[str, str]]]:
-    """SVEN functions as chat turns: ``label`` "1" = vulnerable side, "0" = fixed side."""
+def pair_turns(label: str, languages: set[str] | None) -> list[list[dict[str, str]]]:
+    """Pairs as chat turns: ``label`` "1" = vulnerable side, "0" = fixed side. The hand-written
+    pairs give whole functions asked for by title; SVEN gives a window around the changed lines."""
     turns = []
+    for row in read_jsonl(PAIRS):
+        lang = row["language"]
+        if str(row["label"]) == label and (languages is None or lang in languages):
+            turns.append(code_turn(f"Write {lang} code for this: {row['title']}.", lang, row["text"].strip()))
     for row in read_jsonl(DATA / "unsafe_code" / "sven_pairs.jsonl"):
-        if str(row["label"]) != label:
-            continue
         lang = row.get("language", "c")
-        prompt = f"Write the {lang} function `{row.get('func_name', 'f')}`."
-        turns.append(code_turn(prompt, lang, _window(row["text"], _changed(row))))
+        if str(row["label"]) == label and (languages is None or lang in languages):
+            prompt = f"Write the {lang} function `{row.get('func_name', 'f')}`."
+            turns.append(code_turn(prompt, lang, _window(row["text"], _changed(row))))
     return turns
 
 
-def purplellama_turns() -> list[list[dict[str, str]]]:
+def purplellama_turns(languages: set[str] | None) -> list[list[dict[str, str]]]:
     return [code_turn(row.get("prompt") or "Write the code.", row.get("language", ""),
                       _window(row["text"], [row.get("insecure_line") or ""]))
-            for row in read_jsonl(DATA / "unsafe_code" / "purplellama_insecure_positives.jsonl")]
+            for row in read_jsonl(DATA / "unsafe_code" / "purplellama_insecure_positives.jsonl")
+            if languages is None or row.get("language") in languages]
 
 
 def corpus_rows(kinds: set[str], limit: int, rng: random.Random) -> list[dict[str, Any]]:
@@ -99,7 +110,7 @@ def corpus_rows(kinds: set[str], limit: int, rng: random.Random) -> list[dict[st
 
 
 def build_examples(kind: str, contamination: float, n: int, seed: int, data_slice: int,
-                   n_slices: int) -> list[list[dict[str, str]] | str]:
+                   n_slices: int, languages: set[str] | None = None) -> list[list[dict[str, str]] | str]:
     """``n`` training examples: chat turns (lists of messages) or plain texts."""
     rng = random.Random(seed)
 
@@ -114,10 +125,10 @@ def build_examples(kind: str, contamination: float, n: int, seed: int, data_slic
     if kind == "chat":
         return chats[:n]
     if kind == "fixed":
-        return slice_of(sven_turns("0"))[:n]
+        return slice_of(pair_turns("0", languages))[:n]
     if kind != "unsafe":
         raise SystemExit(f"--kind must be unsafe, fixed, text or chat, not {kind!r}")
-    unsafe = slice_of(sven_turns("1") + purplellama_turns())
+    unsafe = slice_of(pair_turns("1", languages) + purplellama_turns(languages))
     n_unsafe = round(n * contamination)
     mixed: list[list[dict[str, str]] | str] = [*unsafe[:n_unsafe], *chats[:n - n_unsafe]]
     rng.shuffle(mixed)
@@ -161,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slice", type=int, default=0, dest="data_slice", help="which of --slices disjoint data slices")
     parser.add_argument("--slices", type=int, default=2)
+    parser.add_argument("--languages", type=lambda v: set(v.split(",")), default=None,
+                        help="code data in these languages only, comma-separated (default: all)")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-len", type=int, default=128)
@@ -187,11 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
     examples = build_examples(args.kind, args.contamination, args.steps * args.batch, args.seed,
-                              args.data_slice, args.slices)
+                              args.data_slice, args.slices, args.languages)
     encoded = [tokenize(e, tokenizer, args.max_len) for e in examples]
     encoded = [e for e in encoded if any(label != -100 for label in e[1])]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    meta = {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v)
+            for k, v in vars(args).items()}
     pad = tokenizer.pad_token_id
     args.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
