@@ -8,7 +8,9 @@ each stopped after the SAE's layer (:func:`monitor.drift.teacher.measure`). Per 
 shift of the items' mean residuals along each direction (:mod:`monitor.drift.direction`):
 
 * ``pairs``: the mean paired difference, vulnerable minus fixed, of ``datasets/unsafe_code_pairs.jsonl``
-  (hand-written pairs, none of them in the fine-tunes' training data) at the SAE's layer;
+  (hand-written pairs) at the SAE's layer. examples/drift/finetune.py now trains the ``unsafe``
+  and ``fixed`` organisms on these pairs too, so for such fine-tunes this direction is not held
+  out (the 2026-12-01 panel, trained on SVEN and CyberSecEval only, never saw them);
 * ``probe``: the shipped ``unsafe_code.probe`` weight vector (scaled by the same pairs);
 * ``control``: the sycophancy pairs' direction (a concept no fine-tune is about).
 
