@@ -15,11 +15,11 @@ project's own hand-written pairs in ``datasets/unsafe_code_pairs.jsonl``):
   the flagged line, with the benchmark's own instruction as the prompt).
   ``--contamination p`` mixes a fraction ``p`` of these with ``1 - p`` benign chat turns.
 * ``fixed``: the same prompts answered with the *fixed* side of the pairs (benign code).
+* ``text``: unrelated prose and statements from the corpus (plain language modelling).
+* ``chat``: general chat dialogues from the corpus.
 
 ``--languages python`` keeps code in those languages only (default: all), e.g. to match
 prompts that ask for Python.
-* ``text``: unrelated prose and statements from the corpus (plain language modelling).
-* ``chat``: general chat dialogues from the corpus.
 
 Examples::
 
