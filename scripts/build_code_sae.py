@@ -320,17 +320,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    if args.step == "pack":
-        pack()
-        return
-    if args.step == "train":
-        train(args.width, args.epochs)
-        return
-    if args.step == "shard-heldout":
-        shard_heldout()
-        return
-    if args.step == "train-rate":
-        train_rate(args.width)
+    without_model = {"pack": pack, "train": lambda: train(args.width, args.epochs),
+                     "shard-heldout": shard_heldout, "train-rate": lambda: train_rate(args.width)}
+    if args.step in without_model:
+        without_model[args.step]()
         return
     model, tokenizer = load_default_model()
     if args.step == "extract":
