@@ -53,6 +53,9 @@ def add_parser(subparsers: Any, parents: Any = None) -> None:
     p.add_argument("--direction", action="append", default=None, metavar="PAIRS.jsonl",
                    help="minimal-pair file (e.g. datasets/unsafe_code_pairs.jsonl) whose concept direction "
                         "to follow: the candidate's shift along concept minus contrast (repeat; default: none)")
+    p.add_argument("--preference", action="append", default=None, metavar="PAIRS.jsonl",
+                   help="minimal-pair file on which to measure the candidate's change of preference (likelihood) "
+                        "for the concept side, e.g. vulnerable over fixed code the fine-tune never saw (repeat)")
     p.add_argument("--html", default=None, metavar="REPORT.html", help="also write an HTML report")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--passes", default="greedy,sampled", help="comma-separated: greedy, sampled (default: both)")
@@ -102,7 +105,7 @@ def cmd_drift(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                       lens_tokens=args.lens_tokens)
     result = drift(args.base, args.candidate, prompts=args.prompts, texts=args.texts, sae=args.sae,
                    catalog=args.catalog, policies=args.policies, options=options,
-                   directions=args.direction,
+                   directions=args.direction, preferences=args.preference,
                    progress=_progress(err, args.quiet))
     out.write(to_json(result, include_text=args.include_text) + "\n" if args.json else table(result))
     if args.html:

@@ -58,6 +58,12 @@ def candidate_table(c: CandidateDrift, fdr: float) -> str:
             [[d.name, str(d.pairs), f"{d.delta:+.4f}", f"{d.relative:+.3f}", f"[{d.ci_low:+.3f}, {d.ci_high:+.3f}]",
               f"{d.null_delta:.4f}", f"{d.score:.2f}", f"{d.p_value:.4f}", _VERDICT_MARK[d.verdict]]
              for d in c.directions])]
+    if c.preferences:
+        lines.append("pair preference (change of log p(concept side) - log p(contrast side), nats per pair):")
+        lines += ["  " + s for s in _rows(
+            ["pairs file", "pairs", "base margin", "shift", "95% CI", "pairs moved up", "p", "verdict"],
+            [[q.name, str(q.pairs), f"{q.base_margin:+.2f}", f"{q.delta:+.3f}", f"[{q.ci_low:+.3f}, {q.ci_high:+.3f}]",
+              f"{q.share_up:.0%}", f"{q.p_value:.4f}", _VERDICT_MARK[q.verdict]] for q in c.preferences])]
     lines.append(f"FVU: base {c.fvu.base:.3f}, candidate {c.fvu.candidate:.3f}"
                  + ("  WARNING: clearly worse" if c.fvu.worse else ""))
     lines.append(f"KL(base||candidate) per token, first {c.kl.tokens} tokens: {c.kl.mean:.4f} "
@@ -217,6 +223,14 @@ def _candidate_html(c: CandidateDrift, fdr: float) -> str:
                                f'<td>{d.relative:+.3f}</td><td>[{d.ci_low:+.3f}, {d.ci_high:+.3f}]</td>'
                                f'<td>{d.null_delta:.4f}</td><td>{d.score:.2f}</td><td>{d.p_value:.4f}</td>'
                                f'<td class="{d.verdict}">{d.verdict}</td></tr>' for d in c.directions) + "</table>")
+    if c.preferences:
+        parts.append("<h3>Pair preference (change of log p(concept side) − log p(contrast side), nats per pair)</h3>")
+        parts.append("<table><tr><th>pairs file</th><th>pairs</th><th>base margin</th><th>shift</th><th>95% CI</th>"
+                     "<th>pairs moved up</th><th>p</th><th>verdict</th></tr>"
+                     + "".join(f'<tr><td>{_e(q.name)}</td><td>{q.pairs}</td><td>{q.base_margin:+.2f}</td>'
+                               f'<td>{q.delta:+.3f}</td><td>[{q.ci_low:+.3f}, {q.ci_high:+.3f}]</td>'
+                               f'<td>{q.share_up:.0%}</td><td>{q.p_value:.4f}</td>'
+                               f'<td class="{q.verdict}">{q.verdict}</td></tr>' for q in c.preferences) + "</table>")
     parts.append("<h3>Most-moved latents</h3>")
     parts.append(latents_svg(c))
     for s in list(c.latents_up) + list(c.latents_down):

@@ -144,6 +144,26 @@ class DirectionDrift:
 
 
 @dataclass(frozen=True)
+class PreferenceDrift:
+    """The candidate's change of preference for the concept side of minimal pairs
+    (:mod:`monitor.drift.preference`): ``delta`` is the mean over pairs of the change of
+    ``log p(concept) − log p(contrast)`` in nats (> 0: the candidate prefers the concept side
+    more than the base did), with a bootstrap interval, the share of pairs that moved that way,
+    the base's own mean margin, and the paired sign-flip p-value over pairs."""
+
+    name: str
+    source: str
+    pairs: int
+    delta: float
+    ci_low: float
+    ci_high: float
+    share_up: float
+    base_margin: float
+    p_value: float
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
 class CandidateDrift:
     """Everything measured for one candidate against the base."""
 
@@ -160,6 +180,7 @@ class CandidateDrift:
     kl: KL
     drift_score: float
     directions: tuple[DirectionDrift, ...] = ()
+    preferences: tuple[PreferenceDrift, ...] = ()
     warnings: tuple[str, ...] = ()
     responses: tuple[tuple[str, ...], ...] = ()   # [pass][prompt], candidate's answers
     seconds: float = 0.0

@@ -29,6 +29,7 @@ from monitor.catalog import Catalog
 from monitor.drift import behaviour as beh
 from monitor.drift import direction as dr
 from monitor.drift import load as ld
+from monitor.drift import preference as pf
 from monitor.drift import teacher as tf
 from monitor.drift import verdict as vd
 from monitor.drift.inputs import Prompt, default_prompts, default_texts, read_prompts, read_texts
@@ -71,12 +72,14 @@ class Prepared:
     policy_set: PolicySet
     policy: CompiledPolicy
     directions: tuple[Path, ...] = ()
+    preferences: tuple[Path, ...] = ()
 
 
 def prepare(base: str | Path, candidates: Sequence[str | Path], *, prompts: str | Path | Sequence[Prompt] | None,
             texts: str | Path | Sequence[str] | None, sae: str | Path | SAE, catalog: str | Path | Catalog | None,
             policies: str | Path | Sequence[str | Path] | None,
-            directions: Sequence[str | Path] | None = None) -> Prepared:
+            directions: Sequence[str | Path] | None = None,
+            preferences: Sequence[str | Path] | None = None) -> Prepared:
     """Stage 1: resolve and check every input; raises :class:`~monitor.drift.load.DriftInputError`
     (or the policy/catalog/SAE error) before a single weight is read."""
     from monitor.catalog import load_catalog
@@ -120,8 +123,10 @@ def prepare(base: str | Path, candidates: Sequence[str | Path], *, prompts: str 
                                d_sae=sae_obj.cfg.d_sae)
     policy = compile_policies(policy_set, cat, d_sae=sae_obj.cfg.d_sae)
     pair_files = tuple(dr.check_pairs(p) for p in directions or ())
+    for path in preferences or ():
+        pf.complete_pairs(path)
     return Prepared(base_src, cand_srcs, tuple(prompt_list), tuple(text_list), sae_obj, cat, policy_set, policy,
-                    pair_files)
+                    pair_files, tuple(Path(p) for p in preferences or ()))
 
 
 def feature_columns(prep: Prepared) -> tuple[tf.Columns, set[str], dict[int, str]]:
@@ -189,6 +194,8 @@ class DriftCheck:
         self.directions = [dr.pair_direction(self.base_model, self.tokenizer, point, path, ctx=options.ctx,
                                              batch_size=options.batch_size) for path in prep.directions]
         self.null_rows = dr.null_directions(prep.sae, self.base_tf, seed=options.seed)
+        self.pair_sets = [pf.read_pair_set(path, self.tokenizer) for path in prep.preferences]
+        self.base_pref = [self._logprob(self.base_model, ps, "base") for ps in self.pair_sets]
 
     def _get(self, source: ld.ModelSource) -> tuple[Any, Any]:
         return self.models.get(source.spec) or ld.load(source, self.prep.base)
@@ -205,6 +212,11 @@ class DriftCheck:
                           batch_size=self.options.batch_size, max_batch_tokens=self.options.max_batch_tokens,
                           ctx=self.options.ctx,
                           lens_tokens=self.options.lens_tokens, progress=_Stage(self.progress, label, len(items)))
+
+    def _logprob(self, model: Any, pairs: pf.PairSet, label: str) -> torch.Tensor:
+        return pf.sequence_logprob(model, self.tokenizer, pairs.items, ctx=self.options.ctx,
+                                   max_batch_tokens=self.options.max_batch_tokens,
+                                   progress=_Stage(self.progress, f"{label}: pairs {pairs.name}", len(pairs.items)))
 
     def compare(self, candidate: str | Path | ld.ModelSource) -> CandidateDrift:
         """Stage 3 for one candidate (checked against the base before it is loaded)."""
@@ -242,6 +254,8 @@ class DriftCheck:
             drift_score=vd.drift_score(feats, self.watched, null_t),
             directions=tuple(dr.direction_shift(d, self.base_tf, cand_tf, self.null_rows, fdr=o.fdr, seed=o.seed)
                              for d in self.directions),
+            preferences=tuple(pf.preference_shift(ps, lp, self._logprob(cand_model, ps, label), fdr=o.fdr, seed=o.seed)
+                              for ps, lp in zip(self.pair_sets, self.base_pref)),
             warnings=tuple(warnings),
             responses=tuple(tuple(t.text for t in row) for row in cand_beh.transcripts),
             seconds=time.perf_counter() - started)
@@ -263,7 +277,8 @@ def drift(base: str | Path = "default", candidates: Sequence[str | Path] = (), *
           prompts: str | Path | Sequence[Prompt] | None = None, texts: str | Path | Sequence[str] | None = None,
           sae: str | Path | SAE = "default", catalog: str | Path | Catalog | None = None,
           policies: str | Path | Sequence[str | Path] | None = None,
-          directions: Sequence[str | Path] | None = None, options: Options = Options(),
+          directions: Sequence[str | Path] | None = None, preferences: Sequence[str | Path] | None = None,
+          options: Options = Options(),
           progress: ProgressFn | None = None, models: dict[str, tuple[Any, Any]] | None = None,
           on_candidate: Callable[[CandidateDrift], None] | None = None) -> DriftResult:
     """Compare ``candidates`` (in order) with ``base``; see the module docstring.
@@ -272,11 +287,13 @@ def drift(base: str | Path = "default", candidates: Sequence[str | Path] = (), *
     already loaded ``(model, tokenizer)`` (tests, notebooks). ``directions``: minimal-pair JSONL
     files whose concept directions to follow (:mod:`monitor.drift.direction`; none by default:
     on the fine-tune panel the vulnerable-minus-fixed direction did not separate unsafe from
-    benign fine-tunes, see docs/drift.md). ``on_candidate`` is called with
+    benign fine-tunes, see docs/drift.md). ``preferences``: minimal-pair JSONL files on which to
+    measure the candidate's change of preference for the concept side (likelihood,
+    :mod:`monitor.drift.preference`). ``on_candidate`` is called with
     each candidate's result as soon as it is ready (long series: save as you go).
     """
     prep = prepare(base, candidates, prompts=prompts, texts=texts, sae=sae, catalog=catalog, policies=policies,
-                   directions=directions)
+                   directions=directions, preferences=preferences)
     check = DriftCheck(prep, options=options, progress=progress, models=models)
     results = []
     for source in prep.candidates:

@@ -93,7 +93,7 @@ class Measurement:
         return float(self.sse[sel].sum()) / max(total, 1e-12)
 
 
-def _pad_batch(items: Sequence[Item], pad: int, ctx: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def pad_batch(items: Sequence[Item], pad: int, ctx: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Right-padded ids, the attention mask (None when no row is padded: the model then keeps
     its fast causal path; an explicit mask makes CPU attention materialise ``[B, H, T, T]``)
     and the scored positions."""
@@ -127,7 +127,7 @@ def measure(model: Any, tokenizer: Any, sae: SAE, columns: Columns, items: Seque
                sum_x=torch.zeros(n, d_in, dtype=torch.float64), sum_sq=torch.zeros(n, dtype=torch.float64),
                lens_mean=torch.zeros(n, d_in), latent_peak=torch.zeros(n, d_sae))
     for rows in length_buckets([min(len(it.ids), ctx) for it in items], batch_size, max_batch_tokens):
-        ids, attn, scored = _pad_batch([items[i] for i in rows], pad, ctx)
+        ids, attn, scored = pad_batch([items[i] for i in rows], pad, ctx)
         captured: list[torch.Tensor] = []
         forward_through(model, {point: lambda r: captured.append(r.detach())}, input_ids=ids, attention_mask=attn)
         resid = captured[0].to(dtype)
@@ -169,7 +169,7 @@ def next_token_kl(base: Any, candidate: Any, tokenizer: Any, items: Sequence[Ite
     pos_count = torch.zeros(n_tokens, dtype=torch.float64)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        ids, attn, _ = _pad_batch(chunk, pad, n_tokens)
+        ids, attn, _ = pad_batch(chunk, pad, n_tokens)
         lp = torch.log_softmax(base(input_ids=ids, attention_mask=attn, use_cache=False).logits.float(), -1)
         lq = torch.log_softmax(candidate(input_ids=ids, attention_mask=attn, use_cache=False).logits.float(), -1)
         real = torch.ones_like(ids) if attn is None else attn

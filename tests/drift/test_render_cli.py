@@ -49,10 +49,12 @@ def command(world, candidates, *extra: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def runs(world, tmp_path_factory):
+    from tests.drift.test_direction import write_pairs
+
     out = tmp_path_factory.mktemp("reports")
     same = command(world, [world["same"]], "--html", str(out / "same.html"))
     series = command(world, [world["same"], world["pushed"]], "--json", "--html", str(out / "series.html"),
-                     "--direction", str(PAIRS))
+                     "--direction", str(PAIRS), "--preference", str(write_pairs(out / "shell.jsonl")))
     return {"same": same, "series": series, "dir": out}
 
 
@@ -61,7 +63,7 @@ def test_unchanged_candidate_exits_zero_with_a_table(runs):
     assert code == 0
     assert "pushed.fires" in out and "unchanged" in out and "▲" not in out
     assert "exit code: 0" in out
-    assert "concept directions" not in out          # none unless asked for
+    assert "concept directions" not in out and "pair preference" not in out   # none unless asked for
 
 
 def test_directions_can_be_chosen_or_switched_off(world, tmp_path):
@@ -83,6 +85,9 @@ def test_increased_enforce_rule_exits_one_and_json_has_the_fields(runs):
     assert rule["verdict"] == "increased" and rule["ci_low"] > 0
     assert pushed["enforce_increased"] == ["pushed.fires"]
     assert {"features", "latents_up", "latents_down", "fvu", "kl", "directions"} <= set(pushed)
+    same, moved = (c["preferences"][0] for c in data["candidates"])
+    assert same["name"] == "shell" and same["pairs"] == 10 and same["delta"] == 0.0 and same["verdict"] == "unchanged"
+    assert moved["delta"] != 0.0
 
 
 def test_bad_passes_option_is_one_plain_error(world):
@@ -163,7 +168,7 @@ def test_html_report_renders_in_headless_chromium(runs, tmp_path):
         shots[name] = count_colour(shot, INCREASED_RED)
     # the increased rule's bar is drawn in red; a run where nothing increased has no red at all
     assert shots["series"] > 200 and shots["same"] == 0
-    assert "Concept directions" in dom
+    assert "Concept directions" in dom and "Pair preference" in dom
 
 
 def test_table_and_html_from_the_api(world, tmp_path):
