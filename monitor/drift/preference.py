@@ -22,6 +22,7 @@ memorisation, not a tendency.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,23 +51,24 @@ class PairSet:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    import json
-
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DriftInputError(f"{path}: cannot read it as UTF-8 text ({exc}); pass a JSONL file") from None
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DriftInputError(f"{path}:{lineno}: not JSON ({exc.msg}); one JSON object per line") from None
-            if not isinstance(row, dict) or "text" not in row or "label" not in row:
-                raise DriftInputError(f"{path}:{lineno}: a pair row needs 'text', 'label' and 'pair_id'")
-            if str(row["label"]) not in ("0", "1"):
-                raise DriftInputError(f"{path}:{lineno}: label {row['label']!r}: use 1 for the concept side "
-                                      "(e.g. vulnerable code) and 0 for its contrast")
-            rows.append({**row, "label": int(row["label"])})
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DriftInputError(f"{path}:{lineno}: not JSON ({exc.msg}); one JSON object per line") from None
+        if not isinstance(row, dict) or "text" not in row or "label" not in row:
+            raise DriftInputError(f"{path}:{lineno}: a pair row needs 'text', 'label' and 'pair_id'")
+        if str(row["label"]) not in ("0", "1"):
+            raise DriftInputError(f"{path}:{lineno}: label {row['label']!r}: use 1 for the concept side "
+                                  "(e.g. vulnerable code) and 0 for its contrast")
+        rows.append({**row, "label": int(row["label"])})
     return rows
 
 
@@ -77,7 +79,8 @@ def _request(row: dict[str, Any]) -> str:
     return f"Write {lang} code for this: {row['title']}." if row.get("title") else f"Write {lang} code for this."
 
 
-def _encode(row: dict[str, Any], tokenizer: Any, wrap: bool) -> Item:
+def encode_row(row: dict[str, Any], tokenizer: Any, wrap: bool = True) -> Item:
+    """One pair row as the token sequence the check scores (module doc for ``wrap``)."""
     code = str(row["text"]).strip("\n")
     if not wrap:
         return Item(tuple(tokenizer(code, add_special_tokens=True)["input_ids"]), score_from=1)
@@ -122,7 +125,7 @@ def complete_pairs(path: str | Path, *, keep: Callable[[dict[str, Any]], bool] |
 def read_pair_set(path: str | Path, tokenizer: Any, *, wrap: bool = True, name: str | None = None,
                   keep: Callable[[dict[str, Any]], bool] | None = None, limit: int | None = None) -> PairSet:
     """The :func:`complete_pairs` of ``path`` as token sequences (module doc for ``wrap``)."""
-    items = tuple(_encode(row, tokenizer, wrap) for pair in complete_pairs(path, keep=keep, limit=limit)
+    items = tuple(encode_row(row, tokenizer, wrap) for pair in complete_pairs(path, keep=keep, limit=limit)
                   for row in pair)
     return PairSet(name or Path(path).stem, str(path), items)
 

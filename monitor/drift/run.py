@@ -5,10 +5,12 @@
    work with one message naming the path and the problem.
 2. **Base**: load it; answer the prompts (:mod:`monitor.drift.behaviour`); its greedy
    transcripts plus the texts become the fixed items of the teacher-forced pass
-   (:mod:`monitor.drift.teacher`); measure them, and its own answers.
+   (:mod:`monitor.drift.teacher`); measure them, and its own answers; the log-probabilities
+   of any preference pairs (:mod:`monitor.drift.preference`).
 3. **Each candidate, in order** (a checkpoint series): load it (adapters are merged over a
    fresh copy of the base), answer the same prompts, measure the same items and its own
-   answers, the next-token KL against the base on the texts; then the statistics and verdicts
+   answers, the next-token KL against the base on the texts and the preference pairs'
+   log-probabilities; then the statistics and verdicts
    (:mod:`monitor.drift.verdict`), and top contexts of the most-moved latents
    (:func:`monitor.explain.scan_latents`, under the candidate).
 

@@ -35,7 +35,7 @@ def finetuned(base, tokenizer, rows: list[dict], label: int, steps: int = 40):
     """A copy of ``base`` trained a few steps on the ``label`` side of ``rows``, wrapped as the
     preference check wraps them (a request line, then the fenced code)."""
     model = copy.deepcopy(base)
-    items = [pf._encode(r, tokenizer, wrap=True) for r in rows if r["label"] == label]
+    items = [pf.encode_row(r, tokenizer) for r in rows if r["label"] == label]
     ids = torch.tensor([list(it.ids) for it in items])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
