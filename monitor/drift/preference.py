@@ -22,7 +22,6 @@ memorisation, not a tendency.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,12 @@ from typing import Any
 
 import torch
 
+from monitor.data import read_jsonl, token_ids
 from monitor.drift.load import DriftInputError
 from monitor.drift.result import PreferenceDrift, Verdict
 from monitor.drift.stats import bootstrap_ci, sign_flip_pvalues
 from monitor.drift.teacher import Item, Progress, pad_batch
+from monitor.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -52,24 +53,18 @@ class PairSet:
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        rows = list(read_jsonl(path))
+    except DataError as exc:
+        raise DriftInputError(str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DriftInputError(f"{path}: cannot read it as UTF-8 text ({exc}); pass a JSONL file") from None
-    rows = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DriftInputError(f"{path}:{lineno}: not JSON ({exc.msg}); one JSON object per line") from None
-        if not isinstance(row, dict) or "text" not in row or "label" not in row:
-            raise DriftInputError(f"{path}:{lineno}: a pair row needs 'text', 'label' and 'pair_id'")
+    for number, row in enumerate(rows, 1):
+        if "text" not in row or "label" not in row:
+            raise DriftInputError(f"{path}: row {number}: a pair row needs 'text', 'label' and 'pair_id'")
         if str(row["label"]) not in ("0", "1"):
-            raise DriftInputError(f"{path}:{lineno}: label {row['label']!r}: use 1 for the concept side "
+            raise DriftInputError(f"{path}: row {number}: label {row['label']!r}: use 1 for the concept side "
                                   "(e.g. vulnerable code) and 0 for its contrast")
-        rows.append({**row, "label": int(row["label"])})
-    return rows
+    return [{**row, "label": int(row["label"])} for row in rows]
 
 
 def _request(row: dict[str, Any]) -> str:
@@ -87,19 +82,12 @@ def encode_row(row: dict[str, Any], tokenizer: Any, wrap: bool = True) -> Item:
     user = [{"role": "user", "content": _request(row)}]
     answer = f"```{row.get('language') or ''}\n{code}\n```"
     if getattr(tokenizer, "chat_template", None):
-        head = _ids(tokenizer.apply_chat_template(user, tokenize=True, add_generation_prompt=True))
-        whole = _ids(tokenizer.apply_chat_template([*user, {"role": "assistant", "content": answer}], tokenize=True))
+        head = token_ids(tokenizer.apply_chat_template(user, tokenize=True, add_generation_prompt=True))
+        whole = token_ids(tokenizer.apply_chat_template([*user, {"role": "assistant", "content": answer}], tokenize=True))
     else:  # a base model without a chat template: the request as a line of text, then the code
         head = tokenizer(f"{_request(row)}\n", add_special_tokens=True)["input_ids"]
         whole = head + tokenizer(answer, add_special_tokens=False)["input_ids"]
     return Item(tuple(whole), score_from=len(head) if whole[:len(head)] == head else 1)
-
-
-def _ids(encoded: Any) -> list[int]:
-    """Token ids from ``apply_chat_template(tokenize=True)``, which returns a list or (newer
-    transformers) a mapping with ``input_ids``."""
-    ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
-    return [int(i) for i in ids]
 
 
 def complete_pairs(path: str | Path, *, keep: Callable[[dict[str, Any]], bool] | None = None,

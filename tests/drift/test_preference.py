@@ -104,9 +104,9 @@ def test_keep_and_limit_choose_pairs_and_incomplete_pairs_are_skipped(tiny, tmp_
 @pytest.mark.parametrize("content, words", [
     (None, "no such minimal-pair file"),
     ('{"text": "a", "label": 1, "pair_id": "x"}\n', "no minimal pairs"),
-    ('{"text": "a", "label": 1, "pair_id": "x"}\n{"text": "b", "label": 0, "pair_id": "x"\n', r"p.jsonl:2: not JSON"),
-    ('{"text": "a", "pair_id": "x"}\n', r"p.jsonl:1: a pair row needs"),
-    ('{"text": "a", "label": "vulnerable", "pair_id": "x"}\n', r"p.jsonl:1: label 'vulnerable': use 1"),
+    ('{"text": "a", "label": 1, "pair_id": "x"}\n{"text": "b", "label": 0, "pair_id": "x"\n', r"p.jsonl:2: not valid JSON"),
+    ('{"text": "a", "pair_id": "x"}\n', r"p.jsonl: row 1: a pair row needs"),
+    ('{"text": "a", "label": "vulnerable", "pair_id": "x"}\n', r"p.jsonl: row 1: label 'vulnerable': use 1"),
 ])
 def test_bad_pair_files_are_refused_naming_file_and_line(tiny, tmp_path, content, words):
     _, tok = tiny
