@@ -16,8 +16,9 @@ Items can be wrapped as the assistant's answer in the model's chat template (``w
 the code is then scored where a chat model writes code, after a request for it (the row's
 ``prompt``, else "Write {language} code for this: {title}."); a tokenizer without a chat
 template gets the request as a line of text before the code. Use pairs the fine-tune did not
-see (another language, another source): on its own training pairs the shift measures
-memorisation, not a tendency.
+train on, from the domain it was trained for: on the drift panel (docs/drift.md), unseen pairs
+from the fine-tune data's own source separated unsafe from benign fine-tunes, while pairs from
+other sources and languages did not; on its own training pairs the shift measures memorisation.
 """
 
 from __future__ import annotations
