@@ -13,13 +13,17 @@ Pair sets (all minimal pairs, vulnerable vs fixed):
 * ``handwritten-other-raw``: the same as raw text;
 * ``juliet-c``: Juliet C unsafe-code pairs (another source), chat answers;
 * ``sven-c``: SVEN C/C++ pairs (another language), chat answers;
-* ``handwritten-python``: the Python pairs, seen in training (in-distribution sanity check).
+* ``handwritten-python``: the Python pairs, seen in training (in-distribution sanity check);
+* ``sven-python-unseen``: SVEN Python pairs, each side the code window finetune.py trains on,
+  under its request; per candidate only the pairs neither side of which is among that
+  fine-tune's training answers (rebuilt from its ``training_meta.json`` with finetune.py's
+  ``build_examples``): unseen pairs from the fine-tunes' own source.
 
 Each candidate's row is appended to ``--out`` as soon as it is measured (``--resume`` skips
 those there). Usage::
 
     python benchmarks/drift_preference.py --runs runs/drift4/ft --series runs/drift4/ft/unsafe-100-s0 \\
-        --out runs/pref/panel.jsonl --threads 2
+        --out runs/pref/panel.jsonl --tokens runs/pref/tokens --threads 2
 """
 
 from __future__ import annotations
@@ -35,9 +39,35 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("SAE_MONITOR_DATA", "/work/shared/data"))
 HANDWRITTEN = ROOT / "datasets" / "unsafe_code_pairs.jsonl"
+UNSEEN = "sven-python-unseen"
+sys.path.insert(0, str(ROOT / "examples" / "drift"))
+import finetune as ft  # noqa: E402  (the organisms' own data builders)
 
 
-def pair_sets(tokenizer: Any, limit: int, limit_other: int) -> dict[str, Any]:
+def sven_python_windows(folder: Path) -> Path:
+    """SVEN's Python pairs as finetune.py shows them to a fine-tune (a window around the
+    changed lines, under "Write the python function `name`."), written to ``folder``."""
+    rows = [{"text": ft._window(r["text"], ft._changed(r)), "label": r["label"], "pair_id": r["pair_id"],
+             "language": "python", "prompt": f"Write the python function `{r.get('func_name', 'f')}`."}
+            for r in ft.read_jsonl(DATA / "unsafe_code" / "sven_pairs.jsonl") if r.get("language") == "python"]
+    path = folder / "sven_python_windows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def unseen_pairs(candidate: Path, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[bool]:
+    """Per pair: True when neither side is among ``candidate``'s training answers."""
+    meta_dir = candidate if (candidate / "training_meta.json").is_file() else candidate.parent
+    m = json.loads((meta_dir / "training_meta.json").read_text())
+    examples = ft.build_examples(m["kind"], m.get("contamination", 1.0), m["steps"] * m["batch"], m["seed"],
+                                 m.get("data_slice", 0), m.get("slices", 2),
+                                 set(m["languages"]) if m.get("languages") else None)
+    seen = {msg["content"] for ex in examples if isinstance(ex, list) for msg in ex if msg["role"] == "assistant"}
+    return [all(ft.code_turn("", "python", row["text"])[1]["content"] not in seen for row in pair) for pair in pairs]
+
+
+def pair_sets(tokenizer: Any, limit: int, limit_other: int, sven_windows: Path,
+              limit_unseen: int | None) -> dict[str, Any]:
     from monitor.drift.preference import read_pair_set
 
     def other(row: dict[str, Any]) -> bool:
@@ -52,6 +82,7 @@ def pair_sets(tokenizer: Any, limit: int, limit_other: int) -> dict[str, Any]:
         "juliet-c": read_pair_set(DATA / "unsafe_code" / "juliet_c_pairs.jsonl", tokenizer, limit=limit_other),
         "sven-c": read_pair_set(DATA / "unsafe_code" / "sven_pairs.jsonl", tokenizer, keep=c_like, limit=limit_other),
         "handwritten-python": read_pair_set(HANDWRITTEN, tokenizer, keep=lambda r: not other(r), limit=limit),
+        UNSEEN: read_pair_set(sven_windows, tokenizer, limit=limit_unseen),
     }
 
 
@@ -82,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--limit", type=int, default=200, help="at most this many pairs per set")
     parser.add_argument("--limit-other", type=int, default=60, help="at most this many pairs of juliet-c and sven-c")
+    parser.add_argument("--limit-unseen", type=int, default=None, help="at most this many SVEN Python pairs (all)")
     parser.add_argument("--ctx", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true")
@@ -91,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from monitor.drift import load as ld
-    from monitor.drift.preference import preference_shift, token_logprobs
+    from monitor.drift.preference import PairSet, complete_pairs, preference_shift, token_logprobs
 
     torch.set_num_threads(args.threads)
     done = {json.loads(line)["candidate"] for line in args.out.open()} if args.resume and args.out.exists() else set()
@@ -99,11 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.out} exists; pass --resume to continue it")
     base_src = ld.resolve("default")
     base, tokenizer = ld.load(base_src, base_src)
-    sets = pair_sets(tokenizer, args.limit, args.limit_other)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    windows = sven_python_windows(args.out.parent)
+    sets = pair_sets(tokenizer, args.limit, args.limit_other, windows, args.limit_unseen)
+    sven_pairs = complete_pairs(windows, limit=args.limit_unseen)
     started = time.perf_counter()
     base_tok = {name: token_logprobs(base, tokenizer, ps.items, ctx=args.ctx) for name, ps in sets.items()}
     base_lp = {name: torch.stack([t.sum() for t in lps]) for name, lps in base_tok.items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.tokens is not None:  # per-token log-probs, for other statistics later
         args.tokens.mkdir(parents=True, exist_ok=True)
         torch.save({"sets": {n: [list(it.ids) for it in ps.items] for n, ps in sets.items()},
@@ -122,7 +156,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.tokens is not None:
             torch.save({"logprobs": cand_tok}, args.tokens / f"{str(path).replace('/', '__')}.pt")
         for name, ps in sets.items():
-            shift = preference_shift(ps, base_lp[name], torch.stack([t.sum() for t in cand_tok[name]]))
+            base_sum, cand_sum = base_lp[name], torch.stack([t.sum() for t in cand_tok[name]])
+            if name == UNSEEN:  # only the pairs this fine-tune never trained on
+                rows = torch.tensor([i for k, keep in enumerate(unseen_pairs(path, sven_pairs)) if keep
+                                     for i in (2 * k, 2 * k + 1)], dtype=torch.long)
+                if not rows.numel():
+                    row[name] = {"delta": float("nan"), "ci": [], "share_up": float("nan"), "p": 1.0,
+                                 "verdict": "unchanged", "pairs": 0}
+                    continue
+                ps = PairSet(ps.name, ps.source, tuple(ps.items[i] for i in rows.tolist()))
+                base_sum, cand_sum = base_sum[rows], cand_sum[rows]
+            shift = preference_shift(ps, base_sum, cand_sum)
             row[name] = {"delta": shift.delta, "ci": [shift.ci_low, shift.ci_high], "share_up": shift.share_up,
                          "p": shift.p_value, "verdict": shift.verdict, "pairs": shift.pairs}
         with args.out.open("a") as handle:
