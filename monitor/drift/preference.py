@@ -57,8 +57,8 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         rows = list(read_jsonl(path))
     except DataError as exc:
         raise DriftInputError(str(exc)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DriftInputError(f"{path}: cannot read it as UTF-8 text ({exc}); pass a JSONL file") from None
+    except OSError as exc:
+        raise DriftInputError(f"{path}: cannot read it ({exc}); pass a readable JSONL file") from None
     for number, row in enumerate(rows, 1):
         if "text" not in row or "label" not in row:
             raise DriftInputError(f"{path}: row {number}: a pair row needs 'text', 'label' and 'pair_id'")
@@ -104,7 +104,7 @@ def complete_pairs(path: str | Path, *, keep: Callable[[dict[str, Any]], bool] |
     sides: dict[str, dict[int, dict[str, Any]]] = {}
     for row in _read_rows(path):
         if row.get("pair_id") is not None and (keep is None or keep(row)):
-            sides.setdefault(str(row["pair_id"]), {})[int(row["label"])] = row
+            sides.setdefault(str(row["pair_id"]), {})[row["label"]] = row
     pairs = [(s[1], s[0]) for s in sides.values() if 1 in s and 0 in s][:limit]
     if not pairs:
         raise DriftInputError(f"{path}: no minimal pairs (two rows sharing a pair_id, labels 1 and 0)")
@@ -131,7 +131,8 @@ def token_logprobs(model: Any, tokenizer: Any, items: Sequence[Item], *, ctx: in
     for rows in length_buckets([min(len(it.ids), ctx) for it in items], batch_size, max_batch_tokens):
         ids, attn, scored = pad_batch([items[i] for i in rows], pad, ctx)
         logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
-        token_lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0].double()
+        # log p(next token) without materialising the whole [B, T, vocab] log-softmax
+        token_lp = (logits.gather(-1, ids[:, 1:, None])[..., 0] - torch.logsumexp(logits, -1)).double()
         for k, i in enumerate(rows):
             out[i] = token_lp[k][scored[k, 1:]]
         if progress is not None:
